@@ -1,0 +1,1 @@
+"""Fault-injection campaigns: bit flips, fault sites, engines, metrics and reports."""

@@ -1,0 +1,1 @@
+"""Interchangeable injection engines behind :class:`resilience.engines.base.Engine`."""
