@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# ResNet-50, text-guided head, CIFAR-100 (paper Table 2).
+# Usage: DATA_PATH=/path/to/data NGPU=4 bash scripts/train/cifar100/resnet50_text.sh [train.py options ...]
+# TEXT_FEATURES: CIFAR-100 [C, E]; build one with python -m text_features.build --dataset cifar100
+# See scripts/train/launch.sh for the other variables (NNODES, OUT_ROOT, DRY_RUN, ...).
+set -euo pipefail
+features="${TEXT_FEATURES:?set TEXT_FEATURES to the class text features file (CIFAR-100 [C, E]; build one with python -m text_features.build --dataset cifar100)}"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../launch.sh" configs/cifar100/resnet50.yaml cifar100_resnet50_text --model resnet50 --head text --text-features "$features" "$@"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# MaxViT-T, baseline, ImageNet-1k (paper Table 1).
+# Usage: DATA_PATH=/path/to/data NGPU=4 bash scripts/train/imagenet/maxvit_t_baseline.sh [train.py options ...]
+# See scripts/train/launch.sh for the other variables (NNODES, OUT_ROOT, DRY_RUN, ...).
+set -euo pipefail
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../launch.sh" configs/imagenet/maxvit.yaml imagenet_maxvit_t_baseline --model maxvit_t --head linear "$@"

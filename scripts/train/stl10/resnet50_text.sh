@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# ResNet-50, text-guided head, STL-10 (paper Table 2).
+# Usage: DATA_PATH=/path/to/data NGPU=4 bash scripts/train/stl10/resnet50_text.sh [train.py options ...]
+# TEXT_FEATURES: STL-10 [C, E]; build one with python -m text_features.build --dataset stl10
+# See scripts/train/launch.sh for the other variables (NNODES, OUT_ROOT, DRY_RUN, ...).
+set -euo pipefail
+features="${TEXT_FEATURES:?set TEXT_FEATURES to the class text features file (STL-10 [C, E]; build one with python -m text_features.build --dataset stl10)}"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../launch.sh" configs/stl10/resnet50.yaml stl10_resnet50_text --model resnet50 --head text --text-features "$features" "$@"

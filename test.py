@@ -1,0 +1,233 @@
+"""Evaluate a checkpoint: top-1, top-5, mean loss, mean Top2Diff and per-class accuracy.
+
+    python test.py --checkpoint runs/fm_resnet20_text/checkpoint.pth --dataset fashion-mnist --out r.json
+
+Reads this project's self-describing checkpoints, the paper repository's training checkpoints and
+dnn-benchmarks' CIFAR-10 files (name the architecture with --model when the file does not). The paper's
+flag spellings are accepted: --data_path, --checkpoint_path, --CLIP_model, --CLIP_text_path, --embed_size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.data
+
+from training.distributed import destroy_distributed, init_distributed_mode, is_main_process
+from training.engine import evaluate
+from training.samplers import ShardSampler
+
+
+class UsageError(Exception):
+    """Bad user input that the CLI reports as one line."""
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate a classifier checkpoint", add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", required=True, help="checkpoint file")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset to evaluate on (default: the checkpoint's, else imagenet as the paper)")
+    parser.add_argument("--split", default="test", choices=("test", "val", "train"))
+    parser.add_argument("--data-path", "--data_path", "--data-root", dest="data_path", default=None, help="dataset root")
+    parser.add_argument("--out", default=None, metavar="R.json", help="write the metrics as JSON here")
+    parser.add_argument("--csv", default=None, metavar="R.csv",
+                        help="per-class accuracy CSV (default: next to --out with the .csv suffix)")
+
+    g = parser.add_argument_group("model (only for checkpoints that do not describe themselves)")
+    g.add_argument("--model", default=None, help="architecture name, e.g. resnet50 or resnet20")
+    g.add_argument("--head", choices=("linear", "text"), default=None, help="classifier head")
+    g.add_argument("--CLIP_model", dest="head", action="store_const", const="text", help="same as --head text")
+    g.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint (default: the dataset's)")
+    g.add_argument("--embed-dim", "--embed_size", dest="embed_dim", type=int, default=None, help="text embedding width")
+    g.add_argument("--text-features", "--CLIP_text_path", dest="text_features", default=None,
+                   help="features file used in training (checked against the checkpoint's head)")
+    g.add_argument("--allow-unsafe", "--allow-unsafe-checkpoint", dest="allow_unsafe", action="store_true",
+                   help="allow full unpickling of old checkpoints (only for files you trust)")
+
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
+    g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
+    g.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=4)
+    g.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    g.add_argument("--amp", action="store_true", help="mixed precision inference")
+    g.add_argument("--subset", type=int, default=None, metavar="K", help="evaluate K randomly chosen images")
+    g.add_argument("--seed", type=int, default=10, help="seed of --subset")
+    g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="small-input stem (default: the checkpoint's)")
+    g.add_argument("--val-resize-size", type=int, default=None, help="override the preset's resize size")
+    g.add_argument("--val-crop-size", type=int, default=None, help="override the preset's crop size")
+    g.add_argument("--interpolation", default=None, help="override the preset's interpolation")
+    g.add_argument("--print-freq", type=int, default=50)
+    g.add_argument("--dist-url", default="env://")
+    g.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"))
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available (use --device cpu)")
+    return torch.device(name)
+
+
+def check_features(args: argparse.Namespace, meta: dict[str, Any], model: torch.nn.Module) -> None:
+    """A features file given on the command line must match the trained head's shape."""
+    if not args.text_features:
+        return
+    import text_features
+
+    path = Path(args.text_features)
+    if not path.is_file():
+        raise UsageError(f"text features file not found: {path}")
+    feats, _ = text_features.load_text_features(path)
+    head = getattr(model, "head", None)
+    weight = getattr(head, "weight", None)
+    if meta.get("head") == "text" and weight is not None and tuple(weight.shape) != tuple(feats.shape):
+        raise UsageError(
+            f"{path} holds features of shape {tuple(feats.shape)} but the checkpoint's head is {tuple(weight.shape)}"
+        )
+
+
+def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The checkpoint's own preset when it was trained on ``dataset``, else the model's default one."""
+    import data
+
+    if meta.get("preset") and meta.get("dataset") in (None, dataset):
+        preset = dict(meta["preset"])
+    else:
+        preset = dict(
+            data.eval_preset(
+                dataset, meta.get("model"), small_input=bool(meta.get("small_input")), in_chans=meta.get("in_chans")
+            )
+        )
+    overrides = {"resize_size": args.val_resize_size, "crop_size": args.val_crop_size, "interpolation": args.interpolation}
+    preset.update({k: v for k, v in overrides.items() if v is not None})
+    return preset
+
+
+def write_outputs(result: dict[str, Any], per_class: list[dict], out: str | None, csv_path: str | None) -> None:
+    if out:
+        out_path = Path(out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**result, "per_class": per_class}, indent=2, allow_nan=True) + "\n")
+        os.replace(tmp, out_path)
+        if csv_path is None:
+            csv_path = str(out_path.with_suffix(".csv"))
+    if csv_path:
+        csv_file = Path(csv_path)
+        csv_file.parent.mkdir(parents=True, exist_ok=True)
+        with csv_file.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["class_index", "class_name", "n", "correct", "accuracy"])
+            writer.writeheader()
+            for row in per_class:
+                writer.writerow({**row, "accuracy": f"{row['accuracy']:.4f}"})
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate ``args.checkpoint``; returns the summary metrics (also written to --out/--csv)."""
+    import data
+    import models
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    device = resolve_device(args.device)
+    args.device = str(device)
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+
+    dataset = args.dataset
+    model, meta = models.load_checkpoint(
+        path,
+        model_name=args.model,
+        num_classes=args.num_classes or (data.num_classes(dataset) if dataset in data.DATASETS else None),
+        head=args.head,
+        embed_dim=args.embed_dim,
+        dataset=dataset,
+        use_ema=args.ema,
+        allow_unsafe=args.allow_unsafe,
+    )
+    meta = dict(meta or {})
+    if args.small_input is not None:
+        meta["small_input"] = args.small_input
+    if dataset is None:
+        dataset = meta.get("dataset") or "imagenet"
+    if dataset not in data.DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r} (choose from {', '.join(data.DATASETS)})")
+    num_classes = data.num_classes(dataset)
+    if meta.get("num_classes") not in (None, num_classes):
+        raise UsageError(f"the checkpoint predicts {meta['num_classes']} classes but {dataset} has {num_classes}")
+    check_features(args, meta, model)
+
+    preset = evaluation_preset(args, meta, dataset)
+    split = "test" if args.split == "val" else args.split
+    test_set = data.build_dataset(dataset, split, args.data_path, preset=preset, model_name=meta.get("model"),
+                                  small_input=bool(meta.get("small_input")))
+    if args.subset is not None and args.subset < len(test_set):
+        g = torch.Generator().manual_seed(args.seed)
+        test_set = torch.utils.data.Subset(test_set, torch.randperm(len(test_set), generator=g)[: args.subset].tolist())
+    loader = torch.utils.data.DataLoader(
+        test_set,
+        batch_size=args.batch_size,
+        sampler=ShardSampler(len(test_set), args.rank, args.world_size),
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
+    model.to(device)
+    if is_main_process():
+        print(f"evaluating {path} ({meta.get('model')}, {meta.get('head')} head{', EMA' if args.ema else ''}) "
+              f"on {dataset}/{split}: {len(test_set)} images", flush=True)
+    acc = evaluate(model, loader, device, num_classes, amp=args.amp, desc="Test",
+                   show_progress=is_main_process(), print_freq=args.print_freq)
+    metrics = acc.result()
+    names = data.get_class_names(dataset)
+    per_class = [{**row, "class_name": names[row["class_index"]]} for row in acc.per_class()]
+    result = {
+        **metrics,
+        "checkpoint": str(path),
+        "model": meta.get("model"),
+        "head": meta.get("head"),
+        "dataset": dataset,
+        "split": split,
+        "ema": bool(args.ema),
+        "preset": preset,
+    }
+    if is_main_process():
+        print(f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
+              f"top2diff {metrics['top2diff']:.2f}  ({metrics['n']} images)", flush=True)
+        write_outputs(result, per_class, args.out, args.csv)
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    errors: list[type[BaseException]] = [UsageError]
+    for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError"),
+                         ("text_features", "TextFeaturesError")):
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(getattr(__import__(module), name))
+    try:
+        main(args)
+    except tuple(errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
