@@ -1,0 +1,523 @@
+"""The neuron-fault campaign runner: plan, chunked resumable execution, sharding, final assembly.
+
+A campaign folder holds ``campaign.json`` (the configuration, the per-layer plan and the golden-set
+facts: everything the final files are computed from), ``parts/`` (one Parquet file per finished chunk
+of faults, written atomically, so a SIGKILL loses at most the chunk in flight) and, once every chunk
+exists, the final ``faults.parquet``, ``layers.csv``, ``layers.md`` and ``summary.json``. Assembly reads
+the parts in (layer order, chunk) order, so a resumed, sharded or merged campaign gives the same bytes
+as an uninterrupted one. Wall times go to ``runs.jsonl`` only, to keep the other files reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from resilience.bitflip import NumberFormat, get_format
+from resilience.engines import get_engine
+from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
+from resilience.golden import Golden
+from resilience.layers import LayerInfo, select_layers
+from resilience.metrics import CONFIDENCE, LayerStats, score_faults, summarize
+from resilience.sampling import leveugle_n, sample_sites
+from resilience.storage import read_json, remove_stale_temporaries, write_json, write_parquet, write_text
+
+CAMPAIGN_FORMAT = "tgr-neuron-campaign/1"
+FAULT_MODEL = "neuron-bitflip-transient"
+CLAMP_MODES = ("none", "profile")
+
+FAULT_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("fault", pa.int64()),  # position in the layer's fault list
+        ("image", pa.int64()),  # index into the evaluated split
+        ("index", pa.int64()),  # flat element index within that image's layer output
+        ("bit", pa.int16()),
+        ("golden_value", pa.float64()),
+        ("faulty_value", pa.float64()),  # what the network saw (after the clamp, if any)
+        ("label", pa.int64()),
+        ("golden_pred", pa.int64()),
+        ("faulty_pred", pa.int64()),  # -1: the faulty output holds a NaN
+        ("golden_loss", pa.float64()),
+        ("faulty_loss", pa.float64()),
+        ("delta_loss", pa.float64()),
+        ("finite", pa.bool_()),
+        ("mismatch", pa.bool_()),
+        ("faulty_top2diff", pa.float64()),
+    ]
+)
+
+
+class CampaignError(Exception):
+    """A campaign cannot run or be assembled as asked (one-line message)."""
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """Everything that determines a campaign's results; a rerun must give an equal config to resume."""
+
+    model: str
+    dataset: str
+    split: str = "test"
+    checkpoint_sha256: str | None = None
+    fused_text_head: bool = False
+    preset: dict[str, Any] | None = None
+    seed: int = 0
+    injections: int | None = 512  # per layer; None: Leveugle n from margin/confidence
+    margin: float | None = None
+    confidence: float | None = None
+    golden: str = "correct"
+    max_images: int | None = None
+    layers: str | None = None
+    format: str = "fp32"
+    clamp: str = "none"
+    profile_images: int | None = None
+    engine: str = "reference"
+    batch_size: int = 64
+    chunk_size: int = 256
+    device: str = "cpu"  # device type: the floating-point results of CPU and CUDA differ in the last bits
+
+    def __post_init__(self) -> None:
+        if (self.injections is None) == (self.margin is None):
+            raise CampaignError("give either --injections N or --margin E (with --confidence C)")
+        if self.injections is not None and self.injections < 1:
+            raise CampaignError("--injections must be at least 1")
+        if self.margin is not None and (self.confidence is None or not 0 < self.margin < 1 or not 0 < self.confidence < 1):
+            raise CampaignError("--margin and --confidence must both lie in (0, 1)")
+        if self.clamp not in CLAMP_MODES:
+            raise CampaignError(f"unknown --clamp {self.clamp!r}; choose one of {', '.join(CLAMP_MODES)}")
+        if self.clamp == "profile" and not self.profile_images:
+            raise CampaignError("--clamp profile needs --profile-images K >= 1")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise CampaignError("--batch-size and --chunk-size must be at least 1")
+        if self.chunk_size % self.batch_size:
+            # chunk boundaries then never split a batch, so batches are the same whatever was resumed
+            raise CampaignError("--chunk-size must be a multiple of --batch-size")
+        get_format(self.format)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer of the campaign and its number of injections."""
+
+    name: str
+    kind: str
+    out_shape: tuple[int, ...]
+    order: int
+    n: int
+
+    @property
+    def neurons(self) -> int:
+        """Output elements per image."""
+        return math.prod(self.out_shape)
+
+    def info(self) -> LayerInfo:
+        """The layer as the engines know it."""
+        return LayerInfo(self.name, self.kind, self.out_shape, self.order)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerPlan:
+        """Inverse of ``asdict``."""
+        return cls(d["name"], d["kind"], tuple(d["out_shape"]), int(d["order"]), int(d["n"]))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A chunk of one layer's fault list: the unit of work, persistence and sharding."""
+
+    layer: int  # position in the plan
+    chunk: int
+    start: int
+    stop: int
+
+
+@dataclass
+class RunStats:
+    """What one invocation did."""
+
+    faults: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    per_layer: dict[str, float] = field(default_factory=dict)  # seconds spent on each layer
+
+
+def plan_layers(config: CampaignConfig, layers: Sequence[LayerInfo], golden_set_size: int) -> list[LayerPlan]:
+    """The selected layers with their injection counts (fixed, or Leveugle's n over the layer's population)."""
+    bits = get_format(config.format).bits
+    try:
+        chosen = select_layers(list(layers), config.layers)
+    except ValueError as exc:
+        raise CampaignError(str(exc)) from None
+    plans = []
+    for layer in chosen:
+        if config.injections is not None:
+            n = config.injections
+        else:
+            n = leveugle_n(golden_set_size * layer.neurons * bits, config.margin, config.confidence)
+        plans.append(LayerPlan(layer.name, layer.kind, layer.out_shape, layer.order, n))
+    return plans
+
+
+def layer_sites(config: CampaignConfig, plan: LayerPlan, golden_set: torch.Tensor) -> FaultSites:
+    """The fault list of one layer, derived from (seed, layer name) alone."""
+    return sample_sites(config.seed, plan.name, plan.neurons, golden_set, plan.n, get_format(config.format).bits)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/k"`` (0 <= i < k) -> (i, k)."""
+    try:
+        i, k = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise CampaignError(f"--shard must look like i/k (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < k:
+        raise CampaignError(f"--shard {text}: need 0 <= i < k")
+    return i, k
+
+
+class CampaignDir:
+    """The folder of one campaign: its record, finished chunks and final files."""
+
+    def __init__(self, out: Path, record: dict[str, Any]) -> None:
+        self.out = Path(out)
+        self.record = record
+        self.config = CampaignConfig(**record["config"])
+        self.plans = [LayerPlan.from_dict(d) for d in record["plan"]]
+
+    @classmethod
+    def create(cls, out: Path, record: dict[str, Any]) -> CampaignDir:
+        """Open ``out`` for ``record``: write campaign.json, or check that the stored one matches."""
+        path = Path(out) / "campaign.json"
+        if path.is_file():
+            stored = read_json(path)
+            for key in ("format", "config", "plan", "golden", "clamp_max"):
+                if stored.get(key) != record.get(key):
+                    raise CampaignError(f"{out} holds a different campaign ({key} differs); use another --out")
+            return cls(out, stored)
+        write_json(path, record)
+        return cls(out, record)
+
+    @classmethod
+    def open(cls, out: Path) -> CampaignDir:
+        """An existing campaign folder."""
+        path = Path(out) / "campaign.json"
+        if not path.is_file():
+            raise CampaignError(f"{out} is not a campaign folder (no campaign.json)")
+        record = read_json(path)
+        if record.get("format") != CAMPAIGN_FORMAT:
+            raise CampaignError(f"{path}: unknown format {record.get('format')!r}")
+        return cls(out, record)
+
+    @property
+    def parts(self) -> Path:
+        """Folder of finished chunks."""
+        return self.out / "parts"
+
+    def units(self) -> list[Unit]:
+        """All chunks of all layers in plan order."""
+        size = self.config.chunk_size
+        return [
+            Unit(i, c, start, min(start + size, plan.n))
+            for i, plan in enumerate(self.plans)
+            for c, start in enumerate(range(0, plan.n, size))
+        ]
+
+    def part_path(self, unit: Unit) -> Path:
+        """Where a finished chunk is stored."""
+        return self.parts / f"{unit.layer:04d}-{unit.chunk:05d}.parquet"
+
+    def is_done(self, unit: Unit) -> bool:
+        """True when the chunk's file exists (files appear by atomic rename, so they are complete)."""
+        return self.part_path(unit).is_file()
+
+    def missing(self) -> list[Unit]:
+        """Chunks not finished yet."""
+        return [unit for unit in self.units() if not self.is_done(unit)]
+
+
+def shard_units(units: Sequence[Unit], shard: tuple[int, int]) -> list[Unit]:
+    """Round-robin share of shard ``i`` of ``k`` (chunks, so layers of any size balance)."""
+    i, k = shard
+    return [unit for j, unit in enumerate(units) if j % k == i]
+
+
+def chunk_table(plan: LayerPlan, unit: Unit, sites: FaultSites, result: InjectionResult, golden: Golden) -> pa.Table:
+    """The fault records of one chunk."""
+    rows = golden.rows(sites.image)
+    labels, golden_pred, golden_loss = golden.labels[rows], golden.pred[rows], golden.loss[rows]
+    outcome = score_faults(result.faulty_logits, labels, golden_pred, golden_loss)
+    n = len(sites)
+    columns = {
+        "layer": pa.array([plan.name] * n, pa.string()),
+        "fault": np.arange(unit.start, unit.start + n, dtype=np.int64),
+        "image": sites.image.numpy(),
+        "index": sites.index.numpy(),
+        "bit": sites.bit.numpy().astype(np.int16),
+        "golden_value": result.golden_value.double().numpy(),
+        "faulty_value": result.faulty_value.double().numpy(),
+        "label": labels.numpy(),
+        "golden_pred": golden_pred.numpy(),
+        "faulty_pred": outcome.faulty_pred.numpy(),
+        "golden_loss": golden_loss.numpy(),
+        "faulty_loss": outcome.faulty_loss.numpy(),
+        "delta_loss": outcome.delta_loss.numpy(),
+        "finite": outcome.finite.numpy(),
+        "mismatch": outcome.mismatch.numpy(),
+        "faulty_top2diff": outcome.faulty_top2diff.numpy(),
+    }
+    return pa.table(columns, schema=FAULT_SCHEMA)
+
+
+def run_units(
+    cdir: CampaignDir,
+    units: Sequence[Unit],
+    engine: Engine,
+    golden: Golden,
+    source: ImageSource,
+    *,
+    progress: bool = True,
+    after_chunk: Callable[[Unit], None] | None = None,
+) -> RunStats:
+    """Run the unfinished ``units`` layer by layer (a progress bar each) and persist every chunk."""
+    stats = RunStats()
+    golden_set = golden.golden_set(cdir.config.golden)
+    by_layer: dict[int, list[Unit]] = {}
+    for unit in units:
+        by_layer.setdefault(unit.layer, []).append(unit)
+    t0 = time.perf_counter()
+    for position, (layer_pos, layer_units) in enumerate(by_layer.items(), 1):
+        plan = cdir.plans[layer_pos]
+        todo = [u for u in layer_units if not cdir.is_done(u)]
+        done = sum(u.stop - u.start for u in layer_units) - sum(u.stop - u.start for u in todo)
+        stats.skipped += done
+        if not todo:
+            continue
+        sites = layer_sites(cdir.config, plan, golden_set)
+        t_layer = time.perf_counter()
+        with tqdm(
+            total=sum(u.stop - u.start for u in layer_units), initial=done, unit="fault", disable=not progress,
+            desc=f"[{position}/{len(by_layer)}] {plan.name}", dynamic_ncols=True, leave=True,
+        ) as bar:
+            for unit in todo:
+                chunk = sites.slice(unit.start, unit.stop)
+                result = engine.run(plan.info(), chunk, source)
+                write_parquet(cdir.part_path(unit), chunk_table(plan, unit, chunk, result, golden))
+                stats.faults += len(chunk)
+                bar.update(len(chunk))
+                if after_chunk is not None:
+                    after_chunk(unit)
+        stats.per_layer[plan.name] = time.perf_counter() - t_layer
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def layer_rows(cdir: CampaignDir, faults: pa.Table) -> list[dict[str, Any]]:
+    """One summary row per layer (plan order)."""
+    layer_col = faults.column("layer").to_numpy(zero_copy_only=False)
+    delta, finite, mismatch = (faults.column(c).to_numpy() for c in ("delta_loss", "finite", "mismatch"))
+    clamp = cdir.record.get("clamp_max") or {}
+    rows = []
+    for plan in cdir.plans:
+        mask = layer_col == plan.name
+        stats: LayerStats = summarize(delta[mask], finite[mask], mismatch[mask], CONFIDENCE)
+        row = {
+            "layer": plan.name,
+            "order": plan.order,
+            "kind": plan.kind,
+            "out_shape": "x".join(map(str, plan.out_shape)),
+            "neurons": plan.neurons,
+            **stats.as_dict(),
+        }
+        if clamp:
+            row["clamp_max_abs"] = clamp[plan.name]
+        rows.append(row)
+    return rows
+
+
+def network_level(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Network-level numbers: the mean over layers of the layer ΔLoss (and of the mismatch rate)."""
+    losses = [r["mean_delta_loss"] for r in rows if not math.isnan(r["mean_delta_loss"])]
+    return {
+        "delta_loss": float(np.mean(losses)) if losses else math.nan,
+        "mismatch_rate": float(np.mean([r["mismatch_rate"] for r in rows])),
+        "layers": len(rows),
+        "layers_without_finite_faults": len(rows) - len(losses),
+        "faults": int(sum(r["n"] for r in rows)),
+        "non_finite": int(sum(r["non_finite"] for r in rows)),
+        "mismatches": int(sum(r["mismatches"] for r in rows)),
+    }
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def layers_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any], title: str) -> str:
+    """The per-layer table as Markdown, with the network-level line below."""
+    pct = int(round(CONFIDENCE * 100))
+    lines = [
+        f"# {title}",
+        "",
+        f"| # | layer | kind | neurons | n | mean ΔLoss | {pct}% CI | std | mismatch % | {pct}% CI (Wilson) | non-finite |",
+        "|---:|---|---|---:|---:|---:|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['order']} | `{r['layer']}` | {r['kind']} | {r['neurons']} | {r['n']} | {_fmt(r['mean_delta_loss'], '.4g')} "
+            f"| [{_fmt(r['ci_low'], '.4g')}, {_fmt(r['ci_high'], '.4g')}] | {_fmt(r['std_delta_loss'], '.4g')} "
+            f"| {_fmt(100 * r['mismatch_rate'], '.2f')} | [{_fmt(100 * r['mismatch_ci_low'], '.2f')}, "
+            f"{_fmt(100 * r['mismatch_ci_high'], '.2f')}] | {r['non_finite']} |"
+        )
+    lines += [
+        "",
+        f"Network level (mean over {network['layers']} layers): ΔLoss {_fmt(network['delta_loss'], '.4g')}, "
+        f"mismatch {_fmt(100 * network['mismatch_rate'], '.2f')}%, {network['faults']} faults, "
+        f"{network['non_finite']} non-finite (left out of the ΔLoss means).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_faults(cdir: CampaignDir) -> pa.Table:
+    """All finished chunks in (layer, chunk) order."""
+    return pa.concat_tables([pq.read_table(cdir.part_path(unit), schema=FAULT_SCHEMA) for unit in cdir.units()])
+
+
+def assemble(cdir: CampaignDir) -> dict[str, Any]:
+    """Write faults.parquet, layers.csv, layers.md and summary.json from the finished chunks."""
+    missing = cdir.missing()
+    if missing:
+        raise CampaignError(f"{cdir.out}: {len(missing)} of {len(cdir.units())} chunks are not finished yet")
+    import pandas as pd
+
+    faults = read_faults(cdir)
+    rows = layer_rows(cdir, faults)
+    network = network_level(rows)
+    record = cdir.record
+    summary = {
+        "network": network,
+        **record["provenance"],
+        "config": record["config"],
+        "fault_model": FAULT_MODEL,
+        "n_per_layer": {p.name: p.n for p in cdir.plans},
+        "golden": record["golden"],
+        "confidence": CONFIDENCE,
+        "ci": "normal: mean ± z·s/√n over finite faults; mismatch: Wilson score",
+    }
+    write_parquet(cdir.out / "faults.parquet", faults)
+    write_text(cdir.out / "layers.csv", pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
+    title = f"ΔLoss per layer — {record['config']['model']} on {record['config']['dataset']}"
+    write_text(cdir.out / "layers.md", layers_markdown(rows, network, title))
+    write_json(cdir.out / "summary.json", summary)
+    remove_stale_temporaries(cdir.parts)
+    return summary
+
+
+def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Gather the chunks of shards run into separate folders into ``out`` and assemble the final files."""
+    cdirs = [CampaignDir.open(Path(s)) for s in sources]
+    target = CampaignDir.create(out, cdirs[0].record)
+    for cdir in cdirs:
+        if cdir.record["config"] != target.record["config"] or cdir.record["plan"] != target.record["plan"]:
+            raise CampaignError(f"{cdir.out} holds a different campaign than {target.out}")
+        for unit in cdir.units():
+            if cdir.is_done(unit) and not target.is_done(unit):
+                target.parts.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cdir.part_path(unit), target.part_path(unit))
+    return assemble(target)
+
+
+def append_run_log(out: Path, entry: dict[str, Any]) -> None:
+    """Append one line about an invocation (timings) to runs.jsonl; small O_APPEND writes do not interleave."""
+    with open(Path(out) / "runs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def golden_facts(golden: Golden, mode: str) -> dict[str, Any]:
+    """Golden-set numbers recorded in campaign.json and summary.json."""
+    ids = golden.golden_set(mode)
+    rows = golden.rows(ids)
+    return {
+        "mode": mode,
+        "evaluated_images": len(golden.ids),
+        "golden_set_size": len(ids),
+        "accuracy": golden.accuracy,
+        "mean_top2diff": float(golden.top2diff[rows].mean()) if len(ids) else math.nan,
+        "mean_top2diff_all": float(golden.top2diff.mean()),
+    }
+
+
+def build_record(
+    config: CampaignConfig,
+    plans: Sequence[LayerPlan],
+    golden: Golden,
+    clamp_max: dict[str, float] | None,
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
+    """The content of campaign.json."""
+    return {
+        "format": CAMPAIGN_FORMAT,
+        "config": asdict(config),
+        "plan": [{**asdict(p), "out_shape": list(p.out_shape)} for p in plans],
+        "golden": golden_facts(golden, config.golden),
+        "clamp_max": clamp_max,
+        "provenance": provenance,
+    }
+
+
+def execute(
+    out: Path,
+    config: CampaignConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    golden: Golden,
+    source: ImageSource,
+    *,
+    provenance: dict[str, Any] | None = None,
+    clamp_max: dict[str, float] | None = None,
+    device: torch.device | str = "cpu",
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    after_chunk: Callable[[Unit], None] | None = None,
+) -> tuple[CampaignDir, RunStats]:
+    """Plan the campaign, run this shard's unfinished chunks; the caller assembles once all are done.
+
+    ``model`` must already be in evaluation mode, in the config's number format and on its device;
+    ``layers`` are all its discovered layers; ``golden`` holds its fault-free outputs; ``clamp_max`` is
+    the layer profile (``clamp=profile`` only).
+    """
+    fmt: NumberFormat = get_format(config.format)
+    golden_set = golden.golden_set(config.golden)
+    if len(golden_set) == 0:
+        raise CampaignError("the golden set is empty (no correctly classified image with Top2Diff > 0)")
+    if config.clamp == "profile" and clamp_max is None:
+        raise CampaignError("--clamp profile needs the layer profile")
+    if torch.device(device).type != config.device:
+        raise CampaignError(f"the config says device {config.device} but the model runs on {device}")
+    plans = plan_layers(config, layers, len(golden_set))
+    clamp = {p.name: clamp_max[p.name] for p in plans} if config.clamp == "profile" and clamp_max else None
+    engine = get_engine(config.engine)(
+        model, [p.info() for p in plans], fmt, clamp=clamp, device=device, batch_size=config.batch_size
+    )
+    provenance = {**(provenance or {}), "engine": engine.describe()}
+    cdir = CampaignDir.create(out, build_record(config, plans, golden, clamp, provenance))
+    if config.injections is None:
+        counts = [p.n for p in plans]
+        log(f"Leveugle n per layer (margin {config.margin}, confidence {config.confidence}): "
+            f"{min(counts)}..{max(counts)}, {sum(counts)} in all")
+    units = shard_units(cdir.units(), shard)
+    stats = run_units(cdir, units, engine, golden, source, progress=progress, after_chunk=after_chunk)
+    return cdir, stats

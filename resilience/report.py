@@ -1,0 +1,240 @@
+"""The paper's Table 1 row from two campaigns (baseline vs text-guided) and the per-layer ΔLoss plot.
+
+Improvement = baseline ΔLoss / text-guided ΔLoss (> 1: the text-guided model is more resilient).
+Last layer: the baseline's classifier layer against the text head's two layers (B→E and E→C) averaged
+with their output-neuron counts as weights, or against the fused B→C layer of a third campaign run
+with ``inject.py --fuse-text-head``. Overall: ratio of the network-level ΔLoss (mean of layer ΔLoss).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resilience.storage import atomic_write, read_json, write_text
+
+TEXT_PREFIX = "backbone."  # the text model's backbone layers are the baseline's layers under this prefix
+COMPARED = ("dataset", "split", "format", "clamp")  # must agree between the campaigns
+
+
+class ReportError(Exception):
+    """The campaigns cannot be compared as asked (one-line message)."""
+
+
+@dataclass
+class CampaignResult:
+    """A finished campaign: its summary.json and layers.csv rows."""
+
+    path: Path
+    summary: dict[str, Any]
+    layers: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, path: Path) -> CampaignResult:
+        """Read a campaign folder written by ``inject.py``."""
+        path = Path(path)
+        for name in ("summary.json", "layers.csv"):
+            if not (path / name).is_file():
+                raise ReportError(f"{path} is not a finished campaign (no {name}); run or merge it first")
+        with open(path / "layers.csv", newline="", encoding="utf-8") as f:
+            layers = [_typed(row) for row in csv.DictReader(f)]
+        return cls(path, read_json(path / "summary.json"), layers)
+
+    def layer(self, name: str) -> dict[str, Any]:
+        """The layers.csv row of ``name``."""
+        for row in self.layers:
+            if row["layer"] == name:
+                return row
+        raise ReportError(f"{self.path}: layer {name!r} was not injected (campaign run with --layers?)")
+
+    def delta_loss(self) -> float:
+        """Network-level ΔLoss."""
+        return float(self.summary["network"]["delta_loss"])
+
+
+def _typed(row: dict[str, str]) -> dict[str, Any]:
+    typed: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in ("layer", "kind", "out_shape"):
+            typed[key] = value
+        elif key in ("order", "neurons", "n", "non_finite", "mismatches"):
+            typed[key] = int(value)
+        else:
+            typed[key] = float(value) if value != "" else math.nan
+    return typed
+
+
+def weighted_delta_loss(rows: Sequence[dict[str, Any]]) -> float:
+    """ΔLoss of several layers taken as one: the mean of their ΔLoss weighted by output neurons."""
+    total = sum(r["neurons"] for r in rows)
+    return sum(r["neurons"] * r["mean_delta_loss"] for r in rows) / total
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def _check_comparable(base: CampaignResult, text: CampaignResult, fused: CampaignResult | None) -> None:
+    for other in (text, fused):
+        if other is None:
+            continue
+        for key in COMPARED:
+            if base.summary.get(key) != other.summary.get(key):
+                raise ReportError(
+                    f"{base.path} and {other.path} differ in {key}: "
+                    f"{base.summary.get(key)!r} vs {other.summary.get(key)!r}"
+                )
+    if len(base.summary["last_layers"]) != 1:
+        raise ReportError(f"{base.path} is not a baseline campaign (last layers {base.summary['last_layers']})")
+    if len(text.summary["last_layers"]) != 2:
+        raise ReportError(f"{text.path} is not a text-guided campaign (last layers {text.summary['last_layers']})")
+    if fused is not None and not fused.summary.get("fused_text_head"):
+        raise ReportError(f"{fused.path} was not run with --fuse-text-head")
+
+
+def table1_row(base: CampaignResult, text: CampaignResult, fused: CampaignResult | None = None) -> dict[str, Any]:
+    """The comparison numbers of one model (the paper's Table 1 row, plus the raw values behind it)."""
+    _check_comparable(base, text, fused)
+    base_last = base.layer(base.summary["last_layers"][0])["mean_delta_loss"]
+    text_last = weighted_delta_loss([text.layer(name) for name in text.summary["last_layers"]])
+    fused_last = math.nan
+    if fused is not None:
+        fused_last = fused.layer(fused.summary["last_layers"][0])["mean_delta_loss"]
+    base_top2, text_top2 = base.summary["golden"]["mean_top2diff"], text.summary["golden"]["mean_top2diff"]
+    return {
+        "model": base.summary["model"],
+        "dataset": base.summary["dataset"],
+        "format": base.summary["format"],
+        "clamp": base.summary["clamp"],
+        "injections_per_layer": _injections(base, text),
+        "baseline_accuracy": base.summary["golden"]["accuracy"],
+        "text_accuracy": text.summary["golden"]["accuracy"],
+        "baseline_last_layer_delta_loss": base_last,
+        "text_last_layer_delta_loss": text_last,
+        "last_layer_improvement": _ratio(base_last, text_last),
+        "fused_last_layer_delta_loss": fused_last,
+        "fused_last_layer_improvement": _ratio(base_last, fused_last),
+        "baseline_delta_loss": base.delta_loss(),
+        "text_delta_loss": text.delta_loss(),
+        "overall_improvement": _ratio(base.delta_loss(), text.delta_loss()),
+        "baseline_top2diff": base_top2,
+        "text_top2diff": text_top2,
+        "top2diff_difference": text_top2 - base_top2,
+    }
+
+
+def _injections(*results: CampaignResult) -> str:
+    counts = sorted({n for r in results for n in r.summary["n_per_layer"].values()})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def _cell(x: Any, spec: str) -> str:
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else format(x, spec)
+    return str(x)
+
+
+def table1_markdown(row: dict[str, Any]) -> str:
+    """The row as a Markdown table (accuracy and Top2Diff in %, improvements as ratios)."""
+    head = ["Model", "Dataset", "Acc. baseline", "Acc. text", "Last layer ×", "Last layer (fused) ×", "Overall ×",
+            "Top2Diff baseline", "Top2Diff text", "ΔTop2Diff"]
+    cells = [
+        row["model"], row["dataset"], _cell(100 * row["baseline_accuracy"], ".2f"), _cell(100 * row["text_accuracy"], ".2f"),
+        _cell(row["last_layer_improvement"], ".3g"), _cell(row["fused_last_layer_improvement"], ".3g"),
+        _cell(row["overall_improvement"], ".3g"), _cell(row["baseline_top2diff"], ".2f"), _cell(row["text_top2diff"], ".2f"),
+        _cell(row["top2diff_difference"], "+.2f"),
+    ]
+    return "\n".join([
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|",
+        "| " + " | ".join(cells) + " |",
+        "",
+        f"ΔLoss ({row['format']}, clamp {row['clamp']}, {row['injections_per_layer']} injections per layer): "
+        f"last layer {_cell(row['baseline_last_layer_delta_loss'], '.4g')} (baseline) vs "
+        f"{_cell(row['text_last_layer_delta_loss'], '.4g')} (text head, neuron-weighted) and "
+        f"{_cell(row['fused_last_layer_delta_loss'], '.4g')} (fused); network "
+        f"{_cell(row['baseline_delta_loss'], '.4g')} vs {_cell(row['text_delta_loss'], '.4g')}. "
+        "Improvement = baseline / text-guided. Top2Diff: mean over each golden set.",
+        "",
+    ])
+
+
+def aligned_layers(base: CampaignResult, text: CampaignResult) -> list[tuple[str, dict | None, dict | None]]:
+    """(label, baseline row, text row) in forward order; text layers matched by name without ``backbone.``."""
+    base_rows = {r["layer"]: r for r in base.layers}
+    merged: list[tuple[str, dict | None, dict | None]] = [(name, row, None) for name, row in base_rows.items()]
+    position = {name: i for i, (name, _, _) in enumerate(merged)}
+    insert_at = 0
+    for row in text.layers:
+        label = row["layer"].removeprefix(TEXT_PREFIX)
+        if label in position:
+            i = position[label]
+            merged[i] = (label, merged[i][1], row)
+            insert_at = i + 1
+        else:
+            merged.insert(insert_at, (label, None, row))
+            position = {name: j for j, (name, _, _) in enumerate(merged)}
+            insert_at += 1
+    return merged
+
+
+def layers_comparison_csv(aligned: Sequence[tuple[str, dict | None, dict | None]]) -> str:
+    """Per-layer ΔLoss of both models side by side, with their ratio."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["layer", "baseline_delta_loss", "text_delta_loss", "improvement"])
+    for label, b, t in aligned:
+        bv = b["mean_delta_loss"] if b else math.nan
+        tv = t["mean_delta_loss"] if t else math.nan
+        writer.writerow([label, repr(bv), repr(tv), repr(_ratio(bv, tv))])
+    return buf.getvalue()
+
+
+def plot_layers(aligned: Sequence[tuple[str, dict | None, dict | None]], path: Path, title: str) -> Path:
+    """Per-layer ΔLoss of both models on a log scale (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(aligned) + 2), 4.2))
+    for which, label, marker in ((1, "baseline", "o"), (2, "text-guided", "s")):
+        xs = [i for i, row in enumerate(aligned) if row[which] and row[which]["mean_delta_loss"] > 0]
+        ys = [aligned[i][which]["mean_delta_loss"] for i in xs]
+        ax.plot(xs, ys, marker=marker, markersize=4, linewidth=1, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(aligned)))
+    ax.set_xticklabels([label for label, _, _ in aligned], rotation=90, fontsize=7)
+    ax.set_ylabel("mean ΔLoss (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def compare(base_dir: Path, text_dir: Path, out: Path, fused_dir: Path | None = None) -> dict[str, Any]:
+    """Write table1.csv, table1.md, layers_compared.csv and delta_loss_per_layer.png into ``out``."""
+    base, text = CampaignResult.load(base_dir), CampaignResult.load(text_dir)
+    fused = CampaignResult.load(fused_dir) if fused_dir else None
+    row = table1_row(base, text, fused)
+    out = Path(out)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(row), lineterminator="\n")
+    writer.writeheader()
+    writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+    write_text(out / "table1.csv", buf.getvalue())
+    write_text(out / "table1.md", table1_markdown(row))
+    aligned = aligned_layers(base, text)
+    write_text(out / "layers_compared.csv", layers_comparison_csv(aligned))
+    plot_layers(aligned, out / "delta_loss_per_layer.png", f"{row['model']} on {row['dataset']}: ΔLoss per layer")
+    return row

@@ -1,0 +1,95 @@
+"""report.py compare: the Table 1 row from two campaign folders (hand-made numbers), the per-layer
+alignment and plot, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import report as report_cli
+from resilience.report import ReportError, aligned_layers, compare, weighted_delta_loss
+
+COLUMNS = ["layer", "order", "kind", "out_shape", "neurons", "n", "non_finite", "mean_delta_loss", "std_delta_loss",
+           "ci_low", "ci_high", "mismatches", "mismatch_rate", "mismatch_ci_low", "mismatch_ci_high"]
+
+
+def write_campaign(folder: Path, layers: list[tuple[str, int, float]], *, last: list[str], accuracy: float,
+                   top2: float, fused: bool = False, dataset: str = "fashion-mnist") -> Path:
+    """A minimal finished campaign: layers.csv rows (name, neurons, ΔLoss) and summary.json."""
+    folder.mkdir(parents=True)
+    with open(folder / "layers.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for i, (name, neurons, dl) in enumerate(layers):
+            writer.writerow([name, i, "linear", str(neurons), neurons, 8, 0, dl, 0.1, dl - 0.1, dl + 0.1, 1, 0.125, 0.0, 0.5])
+    net = sum(dl for _, _, dl in layers) / len(layers)
+    summary = {"network": {"delta_loss": net}, "model": "resnet20", "dataset": dataset, "split": "test",
+               "format": "fp32", "clamp": "none", "last_layers": last, "fused_text_head": fused,
+               "golden": {"accuracy": accuracy, "mean_top2diff": top2}, "n_per_layer": {n: 8 for n, _, _ in layers}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+@pytest.fixture()
+def campaigns(tmp_path: Path) -> tuple[Path, Path, Path]:
+    base = write_campaign(tmp_path / "base", [("conv1", 100, 2.0), ("layer1.0.conv1", 100, 4.0), ("linear", 10, 6.0)],
+                          last=["linear"], accuracy=0.90, top2=80.0)
+    text = write_campaign(tmp_path / "text", [("backbone.conv1", 100, 1.0), ("backbone.layer1.0.conv1", 100, 2.0),
+                                              ("backbone.linear", 30, 1.0), ("head", 10, 3.0)],
+                          last=["backbone.linear", "head"], accuracy=0.91, top2=85.5)
+    fused = write_campaign(tmp_path / "fused", [("conv1", 100, 1.0), ("layer1.0.conv1", 100, 2.0), ("linear", 10, 1.5)],
+                           last=["linear"], accuracy=0.91, top2=85.5, fused=True)
+    return base, text, fused
+
+
+def test_table1_row(campaigns: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, text, fused = campaigns
+    row = compare(base, text, tmp_path / "out", fused)
+    assert row["text_last_layer_delta_loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
+    assert row["last_layer_improvement"] == pytest.approx(6.0 / 1.5)
+    assert row["fused_last_layer_improvement"] == pytest.approx(6.0 / 1.5)
+    assert row["overall_improvement"] == pytest.approx(4.0 / 1.75)
+    assert row["top2diff_difference"] == pytest.approx(5.5)
+    assert (row["baseline_accuracy"], row["text_accuracy"]) == (0.90, 0.91)
+    for name in ("table1.csv", "table1.md", "layers_compared.csv", "delta_loss_per_layer.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert "| resnet20 | fashion-mnist | 90.00 | 91.00 | 4 | 4 | 2.29 |" in md
+    with open(tmp_path / "out" / "table1.csv") as f:
+        assert float(next(csv.DictReader(f))["overall_improvement"]) == pytest.approx(4.0 / 1.75)
+
+
+def test_without_fused_campaign(campaigns: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, text, _ = campaigns
+    row = compare(base, text, tmp_path / "out")
+    assert math.isnan(row["fused_last_layer_improvement"])
+    assert "n/a" in (tmp_path / "out" / "table1.md").read_text()
+
+
+def test_layer_alignment(campaigns: tuple[Path, Path, Path]) -> None:
+    from resilience.report import CampaignResult
+
+    base, text, _ = campaigns
+    aligned = aligned_layers(CampaignResult.load(base), CampaignResult.load(text))
+    assert [(label, b is not None, t is not None) for label, b, t in aligned] == [
+        ("conv1", True, True), ("layer1.0.conv1", True, True), ("linear", True, True), ("head", False, True)]
+    assert weighted_delta_loss([{"neurons": 1, "mean_delta_loss": 1.0}, {"neurons": 3, "mean_delta_loss": 5.0}]) == 4.0
+
+
+def test_errors(campaigns: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base, text, fused = campaigns
+    other = write_campaign(tmp_path / "other", [("head", 10, 1.0), ("x", 1, 1.0)], last=["x", "head"],
+                           accuracy=0.5, top2=1.0, dataset="cifar10")
+    with pytest.raises(ReportError, match="differ in dataset"):
+        compare(base, other, tmp_path / "o")
+    with pytest.raises(ReportError, match="not a text-guided campaign"):
+        compare(base, fused, tmp_path / "o")
+    with pytest.raises(ReportError, match="not run with --fuse-text-head"):
+        compare(base, text, tmp_path / "o", base)
+    assert report_cli.main(["compare", str(tmp_path / "missing"), str(text), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
