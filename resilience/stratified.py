@@ -1,0 +1,486 @@
+"""Stratified-by-bit adaptive sampling of neuron faults (see docs/stratified.md for the formulas).
+
+A uniform campaign draws the flipped bit uniformly, although nearly all of the ΔLoss variance sits in
+the sign and high exponent bits. Here each bit position (or a group of bits) is a stratum; a pilot
+round per stratum is followed by rounds allocated in proportion to W_b·S_b (Neyman) until the 99%
+confidence interval of the layer's mean ΔLoss is as narrow as asked. The estimate targets exactly what
+the uniform campaign estimates: the mean ΔLoss over finite outcomes, μ = E[ΔL·1{finite}] / P(finite).
+
+This module knows nothing about models or engines: it draws :class:`FaultSites` through a
+``SiteDrawer`` and scores them through an ``Evaluator`` (per-fault ΔLoss, finite flag, mismatch flag).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from resilience.bitflip import NumberFormat
+from resilience.engines.base import FaultSites
+from resilience.sampling import sample_sites, z_value
+
+GROUPINGS = ("bit", "field")
+
+
+@dataclass(frozen=True)
+class Stratum:
+    """A set of bit positions sampled together; sites inside are uniform over image × element × bit."""
+
+    name: str
+    bits: tuple[int, ...]
+
+
+def format_fields(fmt: NumberFormat) -> tuple[int, int]:
+    """(exponent bits, mantissa bits) of ``fmt``; the sign is the remaining top bit."""
+    mantissa = round(-math.log2(torch.finfo(fmt.dtype).eps))
+    return fmt.bits - 1 - mantissa, mantissa
+
+
+def make_strata(fmt: NumberFormat, grouping: str = "bit") -> list[Stratum]:
+    """Strata for ``fmt``: one per bit ("bit") or sign / exponent / high / low mantissa ("field")."""
+    if grouping == "bit":
+        return [Stratum(f"bit{b}", (b,)) for b in range(fmt.bits)]
+    if grouping == "field":
+        exponent, mantissa = format_fields(fmt)
+        low = mantissa // 2
+        return [
+            Stratum("sign", (fmt.bits - 1,)),
+            Stratum("exponent", tuple(range(mantissa, mantissa + exponent))),
+            Stratum("mantissa_high", tuple(range(low, mantissa))),
+            Stratum("mantissa_low", tuple(range(low))),
+        ]
+    raise ValueError(f"unknown stratum grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+
+
+def stratum_weights(strata: Sequence[Stratum], fmt: NumberFormat) -> np.ndarray:
+    """W_b = share of the format's bits in stratum b (a uniform bit draw lands there with this chance)."""
+    covered = sorted(b for s in strata for b in s.bits)
+    if covered != list(range(fmt.bits)):
+        raise ValueError(f"strata must cover every bit of {fmt.name} exactly once")
+    return np.array([len(s.bits) / fmt.bits for s in strata], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """What the evaluator measured per fault, in fault order."""
+
+    delta_loss: np.ndarray  # float64; its value is ignored where ``finite`` is False
+    finite: np.ndarray  # bool: the faulty loss is finite
+    mismatch: np.ndarray  # bool: faulty top-1 differs from golden top-1
+
+    def __post_init__(self) -> None:
+        if not len(self.delta_loss) == len(self.finite) == len(self.mismatch):
+            raise ValueError("outcome arrays must have equal length")
+
+    def __len__(self) -> int:
+        return len(self.delta_loss)
+
+    def take(self, index: np.ndarray) -> Outcomes:
+        """The outcomes selected by a boolean mask or index array."""
+        return Outcomes(self.delta_loss[index], self.finite[index], self.mismatch[index])
+
+    @staticmethod
+    def concat(parts: Sequence[Outcomes]) -> Outcomes:
+        """Outcomes of ``parts`` one after the other."""
+        return Outcomes(
+            np.concatenate([p.delta_loss for p in parts]).astype(np.float64),
+            np.concatenate([p.finite for p in parts]).astype(bool),
+            np.concatenate([p.mismatch for p in parts]).astype(bool),
+        )
+
+
+Evaluator = Callable[[FaultSites], Outcomes]
+SiteDrawer = Callable[[Stratum, int, int], FaultSites]  # (stratum, round, count) -> sites
+
+
+def stratum_stream(layer: str, stratum: Stratum, round_index: int) -> str:
+    """Name of the random stream of one (layer, stratum, round), independent of every other draw."""
+    return f"{layer}|stratified|{stratum.name}|{round_index}"
+
+
+def stratum_drawer(seed: int, layer: str, images: torch.Tensor, neurons: int) -> SiteDrawer:
+    """Draws sites of one stratum: image uniform over ``images``, element over ``neurons``, bit in stratum.
+
+    The uniform campaign's sampler is reused with a stream per (layer, stratum, round) in place of the
+    layer name, so its seeding (sha256 of seed and stream) and its image/element draws apply unchanged.
+    """
+
+    def draw(stratum: Stratum, round_index: int, count: int) -> FaultSites:
+        stream = stratum_stream(layer, stratum, round_index)
+        sites = sample_sites(seed, stream, neurons, images, count, len(stratum.bits))
+        bits = torch.tensor(stratum.bits, dtype=torch.int64)[sites.bit]
+        return FaultSites(layer, sites.image, sites.index, bits)
+
+    return draw
+
+
+# ----------------------------------------------------------------------------------------- estimators
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with the variance of its estimator and the half-width of its confidence interval."""
+
+    value: float
+    variance: float
+    half_width: float
+
+    @property
+    def low(self) -> float:
+        return self.value - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.value + self.half_width
+
+    def covers(self, truth: float) -> bool:
+        """Whether the interval contains ``truth``."""
+        return self.low <= truth <= self.high
+
+
+def _sample_var(x: np.ndarray) -> float:
+    return float(np.var(x, ddof=1)) if len(x) > 1 else math.inf
+
+
+def stratified_ratio(
+    weights: np.ndarray,
+    numerators: Sequence[np.ndarray],
+    denominators: Sequence[np.ndarray],
+    confidence: float = 0.99,
+) -> tuple[Estimate, np.ndarray]:
+    """Combined ratio estimator R = Σ W_b ȳ_b / Σ W_b x̄_b and its delta-method variance.
+
+    Returns the estimate and the per-stratum standard deviations S_b of the linearised variable
+    d = (y − R x) / X̂, which is what Neyman allocation needs. A stratum with fewer than two draws has
+    unknown variance (infinite).
+    """
+    num = np.array([y.mean() if len(y) else math.nan for y in numerators])
+    den = np.array([x.mean() if len(x) else math.nan for x in denominators])
+    total_den = float(weights @ den)
+    if not total_den > 0:
+        return Estimate(math.nan, math.nan, math.nan), np.full(len(weights), math.inf)
+    ratio = float(weights @ num) / total_den
+    sds = np.array([math.sqrt(_sample_var((y - ratio * x) / total_den)) for y, x in zip(numerators, denominators, strict=True)])
+    counts = np.array([len(y) for y in numerators], dtype=np.float64)
+    terms = np.where(weights > 0, weights**2 * sds**2 / np.maximum(counts, 1), 0.0)
+    variance = float(terms.sum())
+    return Estimate(ratio, variance, z_value(confidence) * math.sqrt(variance)), sds
+
+
+def loss_estimate(
+    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99
+) -> tuple[Estimate, np.ndarray]:
+    """Mean ΔLoss over finite outcomes (ratio of Σ W_b mean(ΔL·finite) to Σ W_b mean(finite))."""
+    numerators = [np.where(o.finite, o.delta_loss, 0.0) for o in per_stratum]
+    denominators = [o.finite.astype(np.float64) for o in per_stratum]
+    return stratified_ratio(weights, numerators, denominators, confidence)
+
+
+def mismatch_estimate(
+    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99
+) -> Estimate:
+    """Stratified proportion of faults whose top-1 differs from the golden one (over all injections)."""
+    numerators = [o.mismatch.astype(np.float64) for o in per_stratum]
+    denominators = [np.ones(len(o)) for o in per_stratum]
+    return stratified_ratio(weights, numerators, denominators, confidence)[0]
+
+
+def finite_fraction(weights: np.ndarray, per_stratum: Sequence[Outcomes]) -> float:
+    """Estimated share of faults whose loss stays finite, Σ W_b p̂_b."""
+    return float(weights @ np.array([o.finite.mean() if len(o) else math.nan for o in per_stratum]))
+
+
+def uniform_equivalent(
+    weights: np.ndarray, per_stratum: Sequence[Outcomes], half_width: float, confidence: float = 0.99
+) -> float:
+    """Injections a uniform campaign would need for the same half-width, given the observed variance.
+
+    Under uniform sampling the linearised variable d = (ΔL·f − μ f) / P has variance
+    Σ W_b (S_b² + d̄_b²) (within plus between strata), so n = (z · S_U / h)².
+    """
+    estimate, sds = loss_estimate(weights, per_stratum, confidence)
+    if not half_width > 0 or math.isnan(estimate.value):
+        return math.nan
+    total_den = finite_fraction(weights, per_stratum)
+    means = np.array(
+        [np.mean((np.where(o.finite, o.delta_loss, 0.0) - estimate.value * o.finite) / total_den) for o in per_stratum]
+    )
+    uniform_var = float(weights @ (sds**2 + means**2))
+    return (z_value(confidence) * math.sqrt(uniform_var) / half_width) ** 2
+
+
+# ----------------------------------------------------------------------------------------- allocation
+
+
+def allocation_shares(weights: np.ndarray, sds: np.ndarray, defensive: float) -> np.ndarray:
+    """Target share of injections per stratum: (1 − α)·Neyman + α·proportional.
+
+    The proportional part (α = ``defensive``) keeps sampling strata whose pilot looked constant, so a
+    rare large ΔLoss there is still found, at a variance cost of at most 1/(1 − α) over pure Neyman.
+    """
+    if np.isinf(sds).any():
+        raise ValueError("every stratum needs at least two draws before Neyman allocation")
+    neyman = weights * sds
+    if neyman.sum() > 0:
+        return (1 - defensive) * neyman / neyman.sum() + defensive * weights
+    return weights.copy()
+
+
+def largest_remainder(real: np.ndarray, total: int) -> np.ndarray:
+    """Integers summing to ``total`` closest to ``real`` (which sums to ``total``); ties go to the lower index."""
+    base = np.floor(real).astype(np.int64)
+    rest = total - int(base.sum())
+    if rest > 0:
+        order = np.argsort(-(real - base), kind="stable")
+        base[order[:rest]] += 1
+    return base
+
+
+def top_up(counts: np.ndarray, shares: np.ndarray, new_total: int) -> np.ndarray:
+    """Draws to add per stratum so that the totals approach ``shares · new_total``.
+
+    Strata already above their share get nothing; the others split the new draws in proportion to
+    their shortfall.
+    """
+    add = new_total - int(counts.sum())
+    if add <= 0:
+        return np.zeros_like(counts)
+    shortfall = np.maximum(shares * new_total - counts, 0.0)
+    real = shortfall / shortfall.sum() * add if shortfall.sum() > 0 else shares * add
+    return largest_remainder(real, add)
+
+
+# ----------------------------------------------------------------------------------------- adaptive loop
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Stopping targets and allocation knobs of one adaptive layer run.
+
+    The run stops once any given target is met: ``target_rel`` (half-width of the CI of the mean ΔLoss
+    relative to the mean) or ``target_abs`` (absolute half-width), or when ``max_injections`` is spent.
+    """
+
+    target_rel: float | None = 0.1
+    target_abs: float | None = None
+    max_injections: int = 4096
+    pilot: int = 16  # draws per stratum in round 0; also the minimum any stratum ever gets
+    defensive: float = 0.1
+    confidence: float = 0.99
+    min_round: int = 64
+    min_increase: float = 0.1  # a round adds at least this share of the injections spent so far ...
+    growth: float = 2.0  # ... and at most multiplies them by this
+
+    def __post_init__(self) -> None:
+        if self.pilot < 2:
+            raise ValueError("pilot must be at least 2 draws per stratum (variance needs two)")
+        if not 0 <= self.defensive < 1:
+            raise ValueError("defensive share must lie in [0, 1)")
+        if self.min_round < 1 or not 0 <= self.min_increase < self.growth - 1:
+            raise ValueError("need min_round >= 1 and 0 <= min_increase < growth - 1")
+        for name in ("target_rel", "target_abs"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive")
+
+    def target_met(self, estimate: Estimate) -> bool:
+        """Whether ``estimate``'s half-width satisfies any of the targets."""
+        if math.isnan(estimate.half_width):
+            return False
+        if self.target_abs is not None and estimate.half_width <= self.target_abs:
+            return True
+        return self.target_rel is not None and estimate.half_width <= self.target_rel * abs(estimate.value)
+
+    def target_half_width(self, estimate: Estimate) -> float:
+        """The widest half-width that would stop the run at the current estimate (0 when none)."""
+        widths = [0.0]
+        if self.target_abs is not None:
+            widths.append(self.target_abs)
+        if self.target_rel is not None and not math.isnan(estimate.value):
+            widths.append(self.target_rel * abs(estimate.value))
+        return max(widths)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round's faults: the stratum index of each fault, the sites and their outcomes."""
+
+    index: int
+    stratum: np.ndarray  # int64 index into the strata list, per fault
+    sites: FaultSites
+    outcomes: Outcomes
+
+
+class RoundStore(Protocol):
+    """Persists finished rounds so that an interrupted run resumes with the same faults and outcomes."""
+
+    def load(self, round_index: int) -> RoundRecord | None:
+        """The stored round, or None when it has not finished."""
+        ...
+
+    def save(self, record: RoundRecord) -> None:
+        """Store a finished round atomically."""
+        ...
+
+
+@dataclass(frozen=True)
+class StratumSummary:
+    """Per-stratum figures of a finished run."""
+
+    name: str
+    weight: float
+    n: int
+    non_finite: int
+    mean_delta_loss: float  # over finite outcomes (NaN when none)
+    sd: float  # S_b of the linearised variable (drives the allocation)
+    mismatch_rate: float
+
+
+@dataclass
+class StratifiedResult:
+    """Outcome of an adaptive stratified run of one layer."""
+
+    layer: str
+    loss: Estimate
+    mismatch: Estimate
+    finite_fraction: float
+    n: int
+    non_finite: int
+    mismatches: int  # observed count (the rate is the stratified estimate in ``mismatch``)
+    rounds: int
+    stop_reason: str  # "target" or "max_injections"
+    uniform_equivalent_n: float  # uniform injections for the same half-width
+    strata: list[StratumSummary]
+    seconds: float
+
+    @property
+    def saving_factor(self) -> float:
+        """Uniform injections needed for the achieved precision per stratified injection spent."""
+        return self.uniform_equivalent_n / self.n if self.n else math.nan
+
+
+def _round_sites(
+    strata: Sequence[Stratum], counts: np.ndarray, round_index: int, draw: SiteDrawer, layer: str
+) -> tuple[np.ndarray, FaultSites]:
+    parts = [draw(s, round_index, int(c)) for s, c in zip(strata, counts, strict=True) if c > 0]
+    labels = np.repeat(np.arange(len(strata)), counts)
+    sites = FaultSites(
+        layer,
+        torch.cat([p.image for p in parts]),
+        torch.cat([p.index for p in parts]),
+        torch.cat([p.bit for p in parts]),
+    )
+    return labels, sites
+
+
+def _same_sites(a: FaultSites, b: FaultSites) -> bool:
+    return all(torch.equal(x, y) for x, y in ((a.image, b.image), (a.index, b.index), (a.bit, b.bit)))
+
+
+def run_adaptive(
+    layer: str,
+    strata: Sequence[Stratum],
+    weights: np.ndarray,
+    draw: SiteDrawer,
+    evaluate: Evaluator,
+    config: AdaptiveConfig,
+    store: RoundStore | None = None,
+    on_round: Callable[[int, int, Estimate], None] | None = None,
+) -> StratifiedResult:
+    """Pilot, then Neyman rounds until ``config``'s target or cap; resumes from ``store`` when given.
+
+    Every decision depends only on the outcomes of earlier rounds and every draw only on
+    (stratum, round), so a rerun (or a resume from stored rounds) repeats the same faults and stops at
+    the same point. ``on_round(round, injections, estimate)`` is called after each round.
+    """
+    start = time.perf_counter()
+    counts = np.full(len(strata), config.pilot, dtype=np.int64)
+    if counts.sum() > config.max_injections:
+        raise ValueError(
+            f"max_injections {config.max_injections} is below the pilot ({config.pilot} x {len(strata)} strata)"
+        )
+    collected: list[list[Outcomes]] = [[] for _ in strata]
+    round_index, new = 0, counts
+    while True:
+        labels, sites = _round_sites(strata, new, round_index, draw, layer)
+        record = store.load(round_index) if store is not None else None
+        if record is not None and not (_same_sites(record.sites, sites) and np.array_equal(record.stratum, labels)):
+            raise ValueError(f"stored round {round_index} of {layer} does not match the arguments of this run")
+        if record is None:
+            record = RoundRecord(round_index, labels, sites, evaluate(sites))
+            if store is not None:
+                store.save(record)
+        for b in range(len(strata)):
+            collected[b].append(record.outcomes.take(labels == b))
+        per_stratum = [Outcomes.concat(parts) for parts in collected]
+        spent = int(sum(len(o) for o in per_stratum))
+        estimate, sds = loss_estimate(weights, per_stratum, config.confidence)
+        if on_round is not None:
+            on_round(round_index, spent, estimate)
+        if config.target_met(estimate):
+            stop_reason = "target"
+            break
+        if spent >= config.max_injections:
+            stop_reason = "max_injections"
+            break
+        round_index += 1
+        counts = np.array([len(o) for o in per_stratum], dtype=np.int64)
+        # No finite outcome yet means no variance to allocate by: sample proportionally meanwhile.
+        shares = weights if math.isnan(estimate.value) else allocation_shares(weights, sds, config.defensive)
+        new_total = _next_total(spent, weights, sds, shares, estimate, config)
+        new = top_up(counts, shares, new_total)
+
+    return StratifiedResult(
+        layer=layer,
+        loss=estimate,
+        mismatch=mismatch_estimate(weights, per_stratum, config.confidence),
+        finite_fraction=finite_fraction(weights, per_stratum),
+        n=spent,
+        non_finite=int(sum((~o.finite).sum() for o in per_stratum)),
+        mismatches=int(sum(o.mismatch.sum() for o in per_stratum)),
+        rounds=round_index + 1,
+        stop_reason=stop_reason,
+        uniform_equivalent_n=uniform_equivalent(weights, per_stratum, estimate.half_width, config.confidence),
+        strata=[
+            StratumSummary(
+                s.name,
+                float(w),
+                len(o),
+                int((~o.finite).sum()),
+                float(o.delta_loss[o.finite].mean()) if o.finite.any() else math.nan,
+                float(sd),
+                float(o.mismatch.mean()),
+            )
+            for s, w, o, sd in zip(strata, weights, per_stratum, sds, strict=True)
+        ],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _next_total(
+    spent: int,
+    weights: np.ndarray,
+    sds: np.ndarray,
+    shares: np.ndarray,
+    estimate: Estimate,
+    config: AdaptiveConfig,
+) -> int:
+    """Injections after the next round: the predicted need at the target allocation, within the bounds.
+
+    At shares π_b the variance with n draws is Σ W_b² S_b² / (n π_b), so the target half-width h needs
+    n = z² Σ W_b² S_b² / π_b / h². Rounds add at least ``min_round`` and ``min_increase`` x spent (so a
+    run whose estimate creeps towards the target does not crawl in tiny rounds) and at most multiply
+    by ``growth``.
+    """
+    h = config.target_half_width(estimate)
+    per_draw = float(np.sum(np.where(shares > 0, weights**2 * sds**2 / np.where(shares > 0, shares, 1), 0.0)))
+    need = (z_value(config.confidence) ** 2 * per_draw / h**2) if h > 0 else math.inf
+    floor = max(spent + config.min_round, spent * (1 + config.min_increase))
+    bounded = min(max(need, floor), spent * config.growth)
+    return int(min(math.ceil(bounded), config.max_injections))

@@ -1,0 +1,368 @@
+"""resilience.stratified: strata, the stratified ratio estimator, Neyman allocation, adaptive stopping,
+determinism and resume, checked against a tiny model whose every fault (site x bit) is enumerated."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resilience import stratified as st
+from resilience.bitflip import FORMATS, flip_bits
+from resilience.engines.base import FaultSites
+
+FP32 = FORMATS["fp32"]
+IMAGES, NEURONS, BITS = 2, 4, 32
+LAYER = "conv"
+
+
+def tiny_population() -> st.Outcomes:
+    """Every fault of a 2x2 conv output (4 neurons) for 2 images and 32 bits, feeding a Linear(4, 3).
+
+    Returned in (image, element, bit) order so that a site's flat position is
+    ``(image * NEURONS + index) * BITS + bit``.
+    """
+    g = torch.Generator().manual_seed(0)
+    conv, fc = nn.Conv2d(1, 1, 2), nn.Linear(4, 3)
+    with torch.no_grad():
+        for p in [*conv.parameters(), *fc.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g))
+        act = conv(torch.randn(IMAGES, 1, 3, 3, generator=g)).flatten(1)
+        golden = fc(act)
+        labels = golden.argmax(1)
+        golden_loss = F.cross_entropy(golden, labels, reduction="none")
+        image, index, bit = (t.flatten() for t in torch.meshgrid(
+            torch.arange(IMAGES), torch.arange(NEURONS), torch.arange(BITS), indexing="ij"))
+        faulty = act[image].clone()
+        rows = torch.arange(len(image))
+        faulty[rows, index] = flip_bits(faulty[rows, index].contiguous(), bit)
+        logits = fc(faulty)
+        loss = F.cross_entropy(logits, labels[image], reduction="none")
+    return st.Outcomes(
+        (loss - golden_loss[image]).abs().double().numpy(),
+        torch.isfinite(loss).numpy(),
+        (logits.argmax(1) != labels[image]).numpy(),
+    )
+
+
+POPULATION = tiny_population()
+TRUE_LOSS = float(POPULATION.delta_loss[POPULATION.finite].mean())  # what the uniform campaign targets
+TRUE_MISMATCH = float(POPULATION.mismatch.mean())
+
+
+def lookup(sites: FaultSites) -> st.Outcomes:
+    """Evaluator reading the precomputed population (as an engine would measure it)."""
+    flat = ((sites.image * NEURONS + sites.index) * BITS + sites.bit).numpy()
+    return POPULATION.take(flat)
+
+
+def run(seed: int, grouping: str = "bit", store: st.RoundStore | None = None, **config) -> st.StratifiedResult:
+    strata = st.make_strata(FP32, grouping)
+    draw = st.stratum_drawer(seed, LAYER, torch.arange(IMAGES), NEURONS)
+    options = {"target_rel": 0.1, "pilot": 8, "max_injections": 20_000, "min_round": 32} | config
+    return st.run_adaptive(
+        LAYER, strata, st.stratum_weights(strata, FP32), draw, lookup, st.AdaptiveConfig(**options), store
+    )
+
+
+def uniform_estimate(seed: int, n: int) -> st.Estimate:
+    """The uniform campaign's estimator: one stratum holding every bit, n uniform draws."""
+    everything = st.Stratum("all", tuple(range(BITS)))
+    sites = st.stratum_drawer(seed, LAYER, torch.arange(IMAGES), NEURONS)(everything, 0, n)
+    return st.loss_estimate(np.ones(1), [lookup(sites)])[0]
+
+
+def test_population_is_a_meaningful_case() -> None:
+    assert POPULATION.delta_loss.shape == (IMAGES * NEURONS * BITS,)
+    assert 0 < (~POPULATION.finite).sum() < 4, "a non-finite outcome must be present and excluded"
+    assert POPULATION.mismatch.any()
+    per_bit = POPULATION.delta_loss.reshape(IMAGES * NEURONS, BITS)
+    assert np.nanstd(per_bit[:, :8]) < 1e-5 < np.nanstd(per_bit[:, 31]), "variance sits in the high bits"
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16"])
+def test_strata_cover_every_bit_once(name: str) -> None:
+    fmt = FORMATS[name]
+    for grouping in st.GROUPINGS:
+        strata = st.make_strata(fmt, grouping)
+        weights = st.stratum_weights(strata, fmt)
+        assert math.isclose(weights.sum(), 1.0)
+        assert sorted(b for s in strata for b in s.bits) == list(range(fmt.bits))
+    fields = {s.name: s.bits for s in st.make_strata(FORMATS["fp32"], "field")}
+    assert fields["sign"] == (31,) and fields["exponent"] == tuple(range(23, 31))
+    assert st.format_fields(FORMATS["bf16"]) == (8, 7) and st.format_fields(FORMATS["fp16"]) == (5, 10)
+    with pytest.raises(ValueError, match="grouping"):
+        st.make_strata(fmt, "nibble")
+
+
+def test_draws_depend_only_on_seed_layer_stratum_and_round() -> None:
+    draw = st.stratum_drawer(5, LAYER, torch.tensor([3, 9]), NEURONS)
+    exponent = st.make_strata(FP32, "field")[1]
+    sites = draw(exponent, 2, 500)
+    assert sites.layer == LAYER and set(sites.bit.tolist()) == set(exponent.bits)
+    assert set(sites.image.tolist()) == {3, 9} and set(sites.index.tolist()) == set(range(NEURONS))
+    again = st.stratum_drawer(5, LAYER, torch.tensor([3, 9]), NEURONS)(exponent, 2, 500)
+    assert torch.equal(sites.index, again.index) and torch.equal(sites.bit, again.bit)
+    other_round = draw(exponent, 3, 500)
+    assert not torch.equal(sites.index, other_round.index)
+    # The uniform campaign's sampler, on a stream of its own: a prefix of a longer draw is a shorter draw.
+    assert torch.equal(draw(exponent, 2, 100).index, sites.index[:100])
+
+
+def test_single_stratum_ratio_is_the_plain_mean_over_finite() -> None:
+    rng = np.random.default_rng(0)
+    y, f = rng.exponential(size=50), rng.random(50) > 0.1
+    est, sds = st.loss_estimate(np.ones(1), [st.Outcomes(np.where(f, y, np.nan), f, np.zeros(50, bool))])
+    finite = y[f]
+    assert math.isclose(est.value, finite.mean())
+    # delta-method variance of a mean over a random number of finite draws: s^2 (k-1) n / ((n-1) k^2)
+    k, n = len(finite), 50
+    assert math.isclose(est.variance, finite.var(ddof=1) * (k - 1) * n / ((n - 1) * k**2))
+    assert math.isclose(st.uniform_equivalent(np.ones(1), [st.Outcomes(y, f, f)], est.half_width), n)
+
+
+def test_allocation_follows_neyman_with_a_defensive_floor() -> None:
+    weights, sds = np.full(4, 0.25), np.array([0.0, 1.0, 3.0, 0.0])
+    shares = st.allocation_shares(weights, sds, defensive=0.2)
+    assert math.isclose(shares.sum(), 1.0)
+    assert np.allclose(shares, 0.8 * np.array([0, 0.25, 0.75, 0]) + 0.2 * 0.25)
+    added = st.top_up(np.array([10, 10, 10, 10]), shares, 140)
+    assert added.sum() == 100 and added[2] > added[1] > added[0] == added[3] >= 0
+    assert st.largest_remainder(np.array([1.5, 1.5, 1.0]), 4).tolist() == [2, 1, 1]
+    with pytest.raises(ValueError, match="two draws"):
+        st.allocation_shares(weights, np.array([1.0, math.inf, 1.0, 1.0]), 0.1)
+
+
+def test_adaptive_run_reaches_target_and_reports_saving() -> None:
+    result = run(0)
+    assert result.stop_reason == "target"
+    assert result.loss.half_width <= 0.1 * result.loss.value
+    assert result.n == sum(s.n for s in result.strata) and min(s.n for s in result.strata) >= 8
+    assert result.loss.covers(TRUE_LOSS) and result.mismatch.covers(TRUE_MISMATCH)
+    # Neyman puts the draws where the variance is: the sign bit gets far more than a low mantissa bit.
+    by_name = {s.name: s for s in result.strata}
+    assert by_name["bit31"].n > 10 * by_name["bit3"].n
+    assert result.saving_factor > 3
+    assert result.uniform_equivalent_n > result.n
+
+
+def test_cap_stops_the_run() -> None:
+    result = run(0, target_rel=0.001, max_injections=600)
+    assert result.stop_reason == "max_injections" and result.n == 600
+    with pytest.raises(ValueError, match="pilot"):
+        run(0, max_injections=100)
+
+
+def test_absolute_target_is_enough() -> None:
+    result = run(0, target_rel=None, target_abs=0.05)
+    assert result.stop_reason == "target" and result.loss.half_width <= 0.05
+
+
+def test_same_seed_same_faults_and_stopping_point() -> None:
+    seen: list[list[FaultSites]] = [[], []]
+
+    def recording(k: int):
+        def evaluate(sites: FaultSites) -> st.Outcomes:
+            seen[k].append(sites)
+            return lookup(sites)
+
+        return evaluate
+
+    strata = st.make_strata(FP32, "bit")
+    results = [
+        st.run_adaptive(
+            LAYER, strata, st.stratum_weights(strata, FP32),
+            st.stratum_drawer(7, LAYER, torch.arange(IMAGES), NEURONS), recording(k),
+            st.AdaptiveConfig(pilot=8, min_round=32),
+        )
+        for k in range(2)
+    ]
+    assert results[0].n == results[1].n and results[0].rounds == results[1].rounds > 1
+    assert results[0].loss == results[1].loss
+    assert all(torch.equal(a.bit, b.bit) and torch.equal(a.index, b.index) for a, b in zip(*seen, strict=True))
+    assert run(8).loss != run(7).loss
+
+
+class MemoryStore:
+    """RoundStore in a dict, able to simulate an interruption after a number of saved rounds."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.rounds: dict[int, st.RoundRecord] = {}
+        self.fail_after = fail_after
+
+    def load(self, round_index: int) -> st.RoundRecord | None:
+        return self.rounds.get(round_index)
+
+    def save(self, record: st.RoundRecord) -> None:
+        self.rounds[record.index] = record
+        if self.fail_after is not None and len(self.rounds) >= self.fail_after:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_stops_at_the_same_point() -> None:
+    uninterrupted = run(3)
+    store = MemoryStore(fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(3, store=store)
+    store.fail_after = None
+    calls = []
+    resumed = st.run_adaptive(
+        LAYER, st.make_strata(FP32), st.stratum_weights(st.make_strata(FP32), FP32),
+        st.stratum_drawer(3, LAYER, torch.arange(IMAGES), NEURONS),
+        lambda sites: calls.append(len(sites)) or lookup(sites),
+        st.AdaptiveConfig(target_rel=0.1, pilot=8, max_injections=20_000, min_round=32), store,
+    )
+    assert (resumed.n, resumed.rounds, resumed.loss) == (uninterrupted.n, uninterrupted.rounds, uninterrupted.loss)
+    assert sum(calls) == resumed.n - sum(len(store.rounds[i].sites) for i in (0, 1))
+    with pytest.raises(ValueError, match="does not match"):
+        run(4, store=store)
+
+
+SEEDS = range(300)
+
+
+def test_both_estimators_are_unbiased() -> None:
+    stratified = np.array([run(seed, max_injections=2_000, target_rel=1e-6).loss.value for seed in SEEDS[:150]])
+    uniform = np.array([uniform_estimate(seed, 2_000).value for seed in SEEDS[:150]])
+    for values in (stratified, uniform):
+        standard_error = values.std(ddof=1) / math.sqrt(len(values))
+        assert abs(values.mean() - TRUE_LOSS) < 3.3 * standard_error  # 99.9% two-sided
+    assert stratified.var() < uniform.var() / 3, "same n, far less variance"
+
+
+def test_adaptive_intervals_cover_at_about_the_nominal_rate() -> None:
+    results = [run(seed) for seed in SEEDS]
+    loss = np.mean([r.loss.covers(TRUE_LOSS) for r in results])
+    mismatch = np.mean([r.mismatch.covers(TRUE_MISMATCH) for r in results])
+    # Nominal 99%; sequential stopping on an estimated variance costs a little coverage.
+    assert loss >= 0.95, loss
+    assert mismatch >= 0.93, mismatch
+    fixed = [run(seed, grouping="field", max_injections=1_000, target_rel=1e-6) for seed in SEEDS]
+    assert np.mean([r.loss.covers(TRUE_LOSS) for r in fixed]) >= 0.96
+
+
+# ----------------------------------------------------------------------------------------- campaign glue
+
+
+def tiny_campaign_setup():
+    """A conv (2x2 output) + linear model, two images, its golden pass and the uniform runner's config."""
+    from resilience.campaign import CampaignConfig
+    from resilience.golden import TensorImageSource, golden_pass
+
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 1, 2), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    ids, images = torch.tensor([4, 7]), torch.randn(IMAGES, 1, 3, 3, generator=g)
+    labels = model(images).argmax(1).detach()  # every image correct: both are in the golden set
+    golden = golden_pass(model, ids, [(images, labels)], FP32, "cpu")
+    config = CampaignConfig(model="tiny", dataset="synthetic", seed=0, batch_size=32, chunk_size=64)
+    from resilience.layers import discover_layers
+
+    return model, discover_layers(model, images[:1]), golden, TensorImageSource(ids, images), config
+
+
+def test_stratified_campaign_with_the_reference_engine_resumes_and_covers_the_exhaustive_mean(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from resilience import stratified_campaign as sc
+    from resilience.campaign import chunk_table, plan_layers
+    from resilience.engines import get_engine
+
+    model, layers, golden, source, config = tiny_campaign_setup()
+    adaptive = st.AdaptiveConfig(target_rel=0.2, pilot=4, max_injections=3_000, min_round=32)
+
+    def campaign(out, **kw):
+        return sc.run_stratified_campaign(out, config, adaptive, model, layers, golden, source, progress=False, **kw)
+
+    results, stats = campaign(tmp_path / "a")
+    assert sc.missing_layers(tmp_path / "a") == [] and stats.skipped == 0
+    summary = sc.assemble_stratified(tmp_path / "a")
+    assert summary["network"]["faults"] == stats.faults == sum(r.n for r in results.values())
+
+    # Resume after an interruption in the middle of the second layer: same faults, same files.
+    calls = {"n": 0}
+    original = sc.LayerRounds.save
+
+    def failing_save(self, record):
+        original(self, record)
+        calls["n"] += 1
+        if calls["n"] == results["0"].rounds + 1:
+            raise KeyboardInterrupt
+
+    sc.LayerRounds.save = failing_save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            campaign(tmp_path / "b")
+    finally:
+        sc.LayerRounds.save = original
+    _, resumed = campaign(tmp_path / "b")
+    assert resumed.skipped > 0 and resumed.faults + resumed.skipped == stats.faults
+    sc.assemble_stratified(tmp_path / "b")
+    for name in ("faults.parquet", "layers.csv", "strata.csv", "summary.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    # The weighted fault records reproduce the layer estimate; the CI covers the exhaustive mean.
+    faults = pq.read_table(tmp_path / "a" / "faults.parquet").to_pandas()
+    engine = get_engine("reference")(model, layers, FP32, batch_size=64)
+    for plan in plan_layers(config, layers, IMAGES):
+        rows = faults[faults.layer == plan.name]
+        fin = rows[rows.finite]
+        assert math.isclose((fin.weight * fin.delta_loss).sum() / fin.weight.sum(), results[plan.name].loss.value)
+        image, index, bit = (t.flatten() for t in torch.meshgrid(
+            golden.ids, torch.arange(plan.neurons), torch.arange(BITS), indexing="ij"))
+        every = FaultSites(plan.name, image, index, bit)
+        table = chunk_table(plan, sc.Unit(0, 0, 0, len(every)), every, engine.run(plan.info(), every, source), golden)
+        exhaustive = sc.outcomes_of(table)
+        assert results[plan.name].loss.covers(float(exhaustive.delta_loss[exhaustive.finite].mean()))
+
+    with pytest.raises(sc.CampaignError, match="different campaign"):
+        sc.run_stratified_campaign(tmp_path / "a", config, st.AdaptiveConfig(pilot=5), model, layers, golden, source,
+                                   progress=False)
+
+
+def test_uniform_to_target_uses_the_uniform_campaign_faults() -> None:
+    from resilience import stratified_campaign as sc
+    from resilience.campaign import chunk_table, layer_sites, plan_layers
+    from resilience.engines import get_engine
+    from resilience.metrics import summarize
+
+    model, layers, golden, source, config = tiny_campaign_setup()
+    engine = get_engine("reference")(model, layers, FP32, batch_size=32)
+    plan = plan_layers(config, layers, IMAGES)[0]
+    run = sc.run_uniform_to_target(engine, config, plan, golden, source, target_rel=0.05, cap=256)
+    assert run.n == 256 and not run.reached and run.needed_n > 256
+    easy = sc.run_uniform_to_target(engine, config, plan, golden, source, target_rel=100.0, cap=256)
+    assert easy.reached and easy.n == config.chunk_size == easy.needed_n
+    # The same numbers as the uniform campaign's first chunk of this layer.
+    first = sc.LayerPlan(plan.name, plan.kind, plan.out_shape, plan.order, config.chunk_size)
+    sites = layer_sites(config, first, golden.golden_set())
+    outcomes = sc.outcomes_of(chunk_table(first, sc.Unit(0, 0, 0, len(sites)), sites, engine.run(first.info(), sites, source), golden))
+    assert easy.stats == summarize(outcomes.delta_loss, outcomes.finite, outcomes.mismatch)
+
+
+def test_shards_merge_into_the_same_files(tmp_path) -> None:
+    from resilience import stratified_campaign as sc
+
+    model, layers, golden, source, config = tiny_campaign_setup()
+    adaptive = st.AdaptiveConfig(target_rel=0.3, pilot=4, max_injections=2_000)
+
+    def campaign(out, shard=(0, 1)):
+        return sc.run_stratified_campaign(out, config, adaptive, model, layers, golden, source, shard=shard,
+                                          progress=False)
+
+    campaign(tmp_path / "whole")
+    sc.assemble_stratified(tmp_path / "whole")
+    for i in range(2):
+        campaign(tmp_path / f"shard{i}", (i, 2))
+        assert len(sc.missing_layers(tmp_path / f"shard{i}")) == 1
+    with pytest.raises(sc.CampaignError, match="not finished"):
+        sc.assemble_stratified(tmp_path / "shard0")
+    sc.merge_stratified([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
+    for name in ("faults.parquet", "layers.csv", "strata.csv", "summary.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes(), name
