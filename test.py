@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.utils.data
 
+from models.device import DeviceUnavailable, resolve_device
 from training.distributed import destroy_distributed, init_distributed_mode, is_main_process
 from training.engine import evaluate
 from training.samplers import ShardSampler
@@ -72,14 +73,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--dist-url", default="env://")
     g.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"))
     return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available (use --device cpu)")
-    return torch.device(name)
 
 
 def check_features(args: argparse.Namespace, meta: dict[str, Any], model: torch.nn.Module) -> None:
@@ -214,7 +207,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    errors: list[type[BaseException]] = [UsageError]
+    errors: list[type[BaseException]] = [UsageError, DeviceUnavailable]
     for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError"),
                          ("text_features", "TextFeaturesError")):
         with contextlib.suppress(ImportError, AttributeError):

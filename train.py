@@ -25,6 +25,7 @@ import torch
 import torch.utils.data
 from torch import nn
 
+from models.device import DeviceUnavailable, resolve_device
 from training import config as cfg
 from training.distributed import barrier, destroy_distributed, init_distributed_mode, is_main_process
 from training.ema import ModelEMA, ema_decay
@@ -310,14 +311,6 @@ def save_effective_config(args: argparse.Namespace, path: Path) -> None:
     cfg.save_config(args, path, keys=cfg.option_names(get_args_parser()), header="\n".join(lines))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available (use --device cpu)")
-    return torch.device(name)
-
-
 def load_resume_state(path: str) -> dict[str, Any]:
     """A training checkpoint written by this script (plain tensors and dicts only)."""
     p = Path(path)
@@ -513,7 +506,7 @@ def format_eval(result: dict[str, Any], prefix: str = "") -> str:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception classes that describe bad input in one line (printed without a traceback)."""
-    errors: list[type[BaseException]] = [UsageError, TrainingError, cfg.ConfigError]
+    errors: list[type[BaseException]] = [UsageError, TrainingError, cfg.ConfigError, DeviceUnavailable]
     for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError"),
                          ("text_features", "TextFeaturesError")):
         with contextlib.suppress(ImportError, AttributeError):

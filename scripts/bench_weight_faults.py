@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.device import resolve_device  # noqa: E402
 from resilience.weights.cli import (  # noqa: E402
     UsageError,
     add_model_arguments,
@@ -33,7 +34,6 @@ from resilience.weights.cli import (  # noqa: E402
     evaluation_preset,
     format_bit_rates,
     load_model,
-    resolve_device,
 )
 from resilience.weights.fault_list import read_fault_list, validate_fault_list  # noqa: E402
 from resilience.weights.faults import FAULT_MODELS, fault_values  # noqa: E402

@@ -268,3 +268,13 @@ def test_last_layer_names_through_a_wrapper() -> None:
     assert models.last_layer_names(wrapper) == ["module.backbone.linear", "module.head"]
     with pytest.raises(TypeError):
         models.fuse_text_head(models.build_model("resnet20", 10))
+
+
+def test_resolve_device() -> None:
+    from models.device import DeviceUnavailable, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailable, match="--device cuda"):
+            resolve_device("cuda", local_rank=1)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.device import DeviceUnavailable, resolve_device
 from resilience.bitflip import format_of
 from resilience.weights.fault_list import (
     FaultList,
@@ -133,15 +134,6 @@ def get_generate_parser(add_help: bool = True, prog: str | None = None) -> argpa
     add_model_arguments(parser, checkpoint_required=False)
     add_target_arguments(parser)
     return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available (use --device cpu)")
-    return torch.device(name)
 
 
 def load_model(args: argparse.Namespace, dataset: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -302,7 +294,7 @@ def generate(args: argparse.Namespace) -> FaultList:
 
 def cli_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a command line reports as ``error: ...`` (exit code 2)."""
-    errors: list[type[BaseException]] = [UsageError, WeightFaultError]
+    errors: list[type[BaseException]] = [UsageError, WeightFaultError, DeviceUnavailable]
     for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError")):
         with contextlib.suppress(ImportError, AttributeError):
             errors.append(getattr(__import__(module), name))

@@ -1,0 +1,21 @@
+"""Choosing the torch device of a command line's ``--device`` option."""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceUnavailable(ValueError):
+    """The requested device does not exist on this machine."""
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` picks CUDA when available; a bare ``cuda`` under torchrun takes the rank's local GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"--device {name} requested but CUDA is not available (use --device cpu)")
+        if name == "cuda" and local_rank is not None:
+            name = f"cuda:{local_rank}"
+    return torch.device(name)
