@@ -5,36 +5,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from reference_assets import DNN_BENCHMARKS
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import models
 from models import CheckpointError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and spinning threads stall a busy 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reference_dir() -> Path:
-    return Path(os.environ.get("TGR_REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference")
-
-
 def dnn_benchmarks_dir() -> Path:
-    path = reference_dir() / "dnn-benchmarks" / "cifar10"
+    path = DNN_BENCHMARKS
     if not path.is_dir():
         pytest.skip(f"reference assets not found at {path} (set TGR_REFERENCE_DIR)")
     return path
@@ -179,7 +167,7 @@ def test_dnn_benchmarks_wrong_depth_is_one_line() -> None:
 def test_truncated_and_foreign_files(tmp_path: Path) -> None:
     good = models.save_checkpoint(tmp_path / "good.pth", text_model(), our_meta())
     files = {"truncated.pth": good.read_bytes()[:5000], "empty.pth": b"", "notes.pth": b"not a checkpoint"}
-    ref = reference_dir() / "dnn-benchmarks" / "cifar10" / "ResNet20.th"
+    ref = DNN_BENCHMARKS / "ResNet20.th"
     if ref.is_file():  # the legacy (non-zip) serialisation fails differently when cut short
         files["legacy_truncated.th"] = ref.read_bytes()[:400_000]
     for name, payload in files.items():

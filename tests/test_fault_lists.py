@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reference_assets import DNN_BENCHMARKS
 from torch import nn
 
 from resilience.weights.cli import main as weights_main
@@ -30,20 +30,11 @@ from resilience.weights.faults import WeightFault, fault_targets
 from resilience.weights.report import fault_table, reference_comparison, summarize
 from resilience.weights.runner import Outcomes
 
-REFERENCE = Path(os.environ.get("TGR_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-DNN_BENCHMARKS = REFERENCE / "dnn-benchmarks" / "cifar10"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 needs_reference = pytest.mark.skipif(not (DNN_BENCHMARKS / "ResNet20_FL.csv").is_file(),
                                      reason=f"dnn-benchmarks assets absent ({DNN_BENCHMARKS})")
 HEADER = "Injection,Layer,TensorIndex,Bit,n_injections,masked,non_critical,critical\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP hand-off costs that dominate on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Small(nn.Module):

@@ -3,18 +3,17 @@ groups and head fusion. Random weights only; no downloads."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from reference_assets import PAPER_FEATURES
 from torch import nn
 
 import models
 from models.text_head import LOGIT_SCALE_INIT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAPER_BACKBONES = {
     "alexnet", "vgg16_bn", "vgg19_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -27,19 +26,6 @@ CLASSIFIER = {
 }
 ONE_PER_FAMILY = ["alexnet", "vgg16_bn", "resnet18", "mobilenet_v2", "maxvit_t", "swin_v2_t", "focalnet_tiny", "resnet20"]
 EMBED = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and spinning threads stall a busy 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reference_dir() -> Path:
-    return Path(os.environ.get("TGR_REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference")
 
 
 def smallest_build(name: str, head: str = "linear", **kw) -> tuple[nn.Module, int]:
@@ -158,7 +144,7 @@ def test_pretrained_errors_without_download() -> None:
 
 
 def test_text_head_from_paper_imagenet_features() -> None:
-    ref = reference_dir() / "textguided"
+    ref = PAPER_FEATURES
     if not ref.is_dir():
         pytest.skip(f"reference assets not found at {ref} (set TGR_REFERENCE_DIR)")
     for file in ("imagenet_gpt3.pth", "imagenet_a-photo-of-a.pth"):  # normalised rows / raw CLIP rows

@@ -15,6 +15,8 @@ from resilience import stratified as st
 from resilience.bitflip import FORMATS, flip_bits
 from resilience.engines.base import FaultSites
 
+from test_campaign import tiny_checkpoint  # noqa: F401  (fixture: a random resnet20 checkpoint)
+
 FP32 = FORMATS["fp32"]
 IMAGES, NEURONS, BITS = 2, 4, 32
 LAYER = "conv"
@@ -252,6 +254,7 @@ def tiny_campaign_setup():
     """A conv (2x2 output) + linear model, two images, its golden pass and the uniform runner's config."""
     from resilience.campaign import CampaignConfig
     from resilience.golden import TensorImageSource, golden_pass
+    from resilience.layers import discover_layers
 
     g = torch.Generator().manual_seed(1)
     model = nn.Sequential(nn.Conv2d(1, 1, 2), nn.Flatten(), nn.Linear(4, 3)).eval()
@@ -262,50 +265,50 @@ def tiny_campaign_setup():
     labels = model(images).argmax(1).detach()  # every image correct: both are in the golden set
     golden = golden_pass(model, ids, [(images, labels)], FP32, "cpu")
     config = CampaignConfig(model="tiny", dataset="synthetic", seed=0, batch_size=32, chunk_size=64)
-    from resilience.layers import discover_layers
-
     return model, discover_layers(model, images[:1]), golden, TensorImageSource(ids, images), config
 
 
-def test_stratified_campaign_with_the_reference_engine_resumes_and_covers_the_exhaustive_mean(tmp_path) -> None:
+def test_stratified_campaign_resumes_and_covers_the_exhaustive_mean(tmp_path, monkeypatch) -> None:
     import pyarrow.parquet as pq
 
     from resilience import stratified_campaign as sc
     from resilience.campaign import chunk_table, plan_layers
     from resilience.engines import get_engine
+    from resilience.engines.reference import ReferenceEngine
 
     model, layers, golden, source, config = tiny_campaign_setup()
     adaptive = st.AdaptiveConfig(target_rel=0.2, pilot=4, max_injections=3_000, min_round=32)
 
     def campaign(out, **kw):
-        return sc.run_stratified_campaign(out, config, adaptive, model, layers, golden, source, progress=False, **kw)
+        return sc.execute_stratified(out, config, model, layers, golden, source, adaptive=adaptive, progress=False,
+                                     **kw)
 
-    results, stats = campaign(tmp_path / "a")
-    assert sc.missing_layers(tmp_path / "a") == [] and stats.skipped == 0
+    whole, stats = campaign(tmp_path / "a")
+    results = whole.results
+    assert whole.missing() == [] and stats.skipped == 0 and min(r.rounds for r in results.values()) > 1
     summary = sc.assemble_stratified(tmp_path / "a")
     assert summary["network"]["faults"] == stats.faults == sum(r.n for r in results.values())
 
-    # Resume after an interruption in the middle of the second layer: same faults, same files.
-    calls = {"n": 0}
-    original = sc.LayerRounds.save
+    # Kill in the middle of a round of the second layer (after some of its chunks), then rerun.
+    calls, run = {"n": 0}, ReferenceEngine.run
 
-    def failing_save(self, record):
-        original(self, record)
+    def dying_run(self, layer, sites, source):
         calls["n"] += 1
-        if calls["n"] == results["0"].rounds + 1:
+        if layer.name == "2" and calls["n"] > 8:
             raise KeyboardInterrupt
+        return run(self, layer, sites, source)
 
-    sc.LayerRounds.save = failing_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            campaign(tmp_path / "b")
-    finally:
-        sc.LayerRounds.save = original
+    monkeypatch.setattr(ReferenceEngine, "run", dying_run)
+    with pytest.raises(KeyboardInterrupt):
+        campaign(tmp_path / "b")
+    assert list((tmp_path / "b" / "parts").glob("0001-r*-c*.parquet")), "finished chunks of the round are kept"
+    monkeypatch.setattr(ReferenceEngine, "run", run)
     _, resumed = campaign(tmp_path / "b")
     assert resumed.skipped > 0 and resumed.faults + resumed.skipped == stats.faults
     sc.assemble_stratified(tmp_path / "b")
     for name in ("faults.parquet", "layers.csv", "strata.csv", "summary.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert not list((tmp_path / "b" / "parts").glob("*-c*.parquet"))
 
     # The weighted fault records reproduce the layer estimate; the CI covers the exhaustive mean.
     faults = pq.read_table(tmp_path / "a" / "faults.parquet").to_pandas()
@@ -322,28 +325,8 @@ def test_stratified_campaign_with_the_reference_engine_resumes_and_covers_the_ex
         assert results[plan.name].loss.covers(float(exhaustive.delta_loss[exhaustive.finite].mean()))
 
     with pytest.raises(sc.CampaignError, match="different campaign"):
-        sc.run_stratified_campaign(tmp_path / "a", config, st.AdaptiveConfig(pilot=5), model, layers, golden, source,
-                                   progress=False)
-
-
-def test_uniform_to_target_uses_the_uniform_campaign_faults() -> None:
-    from resilience import stratified_campaign as sc
-    from resilience.campaign import chunk_table, layer_sites, plan_layers
-    from resilience.engines import get_engine
-    from resilience.metrics import summarize
-
-    model, layers, golden, source, config = tiny_campaign_setup()
-    engine = get_engine("reference")(model, layers, FP32, batch_size=32)
-    plan = plan_layers(config, layers, IMAGES)[0]
-    run = sc.run_uniform_to_target(engine, config, plan, golden, source, target_rel=0.05, cap=256)
-    assert run.n == 256 and not run.reached and run.needed_n > 256
-    easy = sc.run_uniform_to_target(engine, config, plan, golden, source, target_rel=100.0, cap=256)
-    assert easy.reached and easy.n == config.chunk_size == easy.needed_n
-    # The same numbers as the uniform campaign's first chunk of this layer.
-    first = sc.LayerPlan(plan.name, plan.kind, plan.out_shape, plan.order, config.chunk_size)
-    sites = layer_sites(config, first, golden.golden_set())
-    outcomes = sc.outcomes_of(chunk_table(first, sc.Unit(0, 0, 0, len(sites)), sites, engine.run(first.info(), sites, source), golden))
-    assert easy.stats == summarize(outcomes.delta_loss, outcomes.finite, outcomes.mismatch)
+        sc.execute_stratified(tmp_path / "a", config, model, layers, golden, source,
+                              adaptive=st.AdaptiveConfig(pilot=5), progress=False)
 
 
 def test_shards_merge_into_the_same_files(tmp_path) -> None:
@@ -353,16 +336,77 @@ def test_shards_merge_into_the_same_files(tmp_path) -> None:
     adaptive = st.AdaptiveConfig(target_rel=0.3, pilot=4, max_injections=2_000)
 
     def campaign(out, shard=(0, 1)):
-        return sc.run_stratified_campaign(out, config, adaptive, model, layers, golden, source, shard=shard,
-                                          progress=False)
+        return sc.execute_stratified(out, config, model, layers, golden, source, adaptive=adaptive, shard=shard,
+                                     progress=False)
 
     campaign(tmp_path / "whole")
     sc.assemble_stratified(tmp_path / "whole")
     for i in range(2):
-        campaign(tmp_path / f"shard{i}", (i, 2))
-        assert len(sc.missing_layers(tmp_path / f"shard{i}")) == 1
+        opened, _ = campaign(tmp_path / f"shard{i}", (i, 2))
+        assert len(opened.missing()) == 1
     with pytest.raises(sc.CampaignError, match="not finished"):
         sc.assemble_stratified(tmp_path / "shard0")
     sc.merge_stratified([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
     for name in ("faults.parquet", "layers.csv", "strata.csv", "summary.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+
+def test_inject_cli_stratified_end_to_end(tiny_checkpoint, tmp_path, capsys) -> None:
+    import json
+
+    import pandas as pd
+
+    import inject
+    from report import main as report_main
+
+    def argv(out, *extra):
+        return ["--checkpoint", str(tiny_checkpoint), "--seed", "1", "--out", str(out), "--max-images", "16",
+                "--golden", "all", "--layers", "^(conv1|linear)$", "--batch-size", "4", "--chunk-size", "8",
+                "--device", "cpu", "--no-progress", "-j", "0", *extra]
+
+    options = ["--sampling", "stratified", "--strata", "field", "--pilot", "3", "--max-injections", "64",
+               "--target-ci", "0.3"]
+    out = tmp_path / "fi"
+    assert inject.main(argv(out, *options)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stratified"]["grouping"] == "field" and summary["stratified"]["pilot"] == 3
+    assert set(summary["n_per_layer"]) == {"conv1", "linear"} and 12 <= min(summary["n_per_layer"].values())
+    assert max(summary["n_per_layer"].values()) <= 64 and summary["engine"]["engine"] == "reference"
+    layers = pd.read_csv(out / "layers.csv")
+    assert set(layers.stop_reason) <= {"target", "max_injections"} and (layers.saving_factor > 0).all()
+    assert len(pd.read_csv(out / "strata.csv")) == 2 * 4
+    log = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert set(log["layer_seconds"]) == {"conv1", "linear"}
+
+    before = {name: (out / name).read_bytes() for name in ("faults.parquet", "layers.csv", "summary.json")}
+    assert inject.main(argv(out, *options)) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert before == {name: (out / name).read_bytes() for name in before}
+    for i in range(2):
+        assert inject.main(argv(tmp_path / f"shard{i}", *options, "--shard", f"{i}/2")) == 0
+    assert inject.main(["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "m")]) == 0
+    assert before == {name: (tmp_path / "m" / name).read_bytes() for name in before}
+    # report.py reads stratified layer tables like uniform ones.
+    assert report_main(["compare", str(out), str(out), "--out", str(tmp_path / "r")]) == 2
+    assert "not a text-guided campaign" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--sampling", "stratified", "--injections", "64"], "--injections: uniform sampling only"),
+    (["--sampling", "stratified", "--margin", "0.05"], "--margin: uniform sampling only"),
+    (["--target-ci", "0.2", "--strata", "field"], "--strata, --target-ci: --sampling stratified only"),
+    (["--sampling", "stratified", "--max-injections", "100"], "--max-injections 100 is below the --pilot (16 x 32"),
+    (["--sampling", "stratified", "--pilot", "1"], "--pilot must be at least 2"),
+    (["--sampling", "stratified", "--target-ci", "0"], "--target-ci must be positive"),
+    (["--sampling", "stratified", "--defensive", "1"], "--defensive share must lie in [0, 1)"),
+])
+def test_inject_cli_refuses_option_combinations(tmp_path, capsys, extra, message) -> None:
+    import inject
+
+    # Checked before the checkpoint is even read.
+    assert inject.main(["--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

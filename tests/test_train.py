@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from reference_assets import DNN_BENCHMARKS
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -270,8 +271,7 @@ def test_test_py_reads_paper_layout(runs: dict[str, Path], tmp_path: Path) -> No
 
 
 def test_test_py_reads_dnn_benchmarks_layout() -> None:
-    reference = Path(os.environ.get("TGR_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-    ckpt = reference / "dnn-benchmarks" / "cifar10" / "ResNet20.th"
+    ckpt = DNN_BENCHMARKS / "ResNet20.th"
     if not ckpt.is_file():
         pytest.skip(f"reference checkpoint absent: {ckpt}")
     fashion_mnist_or_skip()  # CIFAR-10 is not available offline: the 10-class grayscale set exercises the path

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_assets import DNN_BENCHMARKS
 from torch import nn
 
 from resilience.weights.faults import (
@@ -25,17 +24,7 @@ from resilience.weights.faults import (
 from resilience.weights.images import TensorImageSet
 from resilience.weights.runner import compute_golden, run_weight_faults, transient_images
 
-REFERENCE = Path(os.environ.get("TGR_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-DNN_BENCHMARKS = REFERENCE / "dnn-benchmarks" / "cifar10"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP hand-off costs that dominate on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def f32_bits(value: float) -> int:
