@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,52 @@ from resilience.layers import LayerInfo
 from resilience.storage import read_json, write_json
 
 
+@dataclass
+class ActivationRange:
+    """Magnitude statistics of one layer's output over the finite values seen."""
+
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    count: int = 0
+
+    @property
+    def mean_abs(self) -> float:
+        """Mean |activation| (0 when nothing finite was seen)."""
+        return self.sum_abs / self.count if self.count else 0.0
+
+
 @torch.no_grad()
+def activation_ranges(
+    model: nn.Module,
+    layers: list[LayerInfo],
+    batches: Iterable[torch.Tensor],
+    fmt: NumberFormat,
+    device: torch.device | str,
+) -> dict[str, ActivationRange]:
+    """Max and mean |output| of every layer over the finite values of all ``batches``."""
+    ranges = {layer.name: ActivationRange() for layer in layers}
+
+    def make_hook(stats: ActivationRange) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            values = output.detach().abs()
+            values = values[torch.isfinite(values)]
+            if values.numel():
+                stats.max_abs = max(stats.max_abs, float(values.max()))
+                stats.sum_abs += float(values.double().sum())
+                stats.count += values.numel()
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(stats)) for name, stats in ranges.items()]
+    try:
+        for images in batches:
+            model(images.to(device, fmt.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ranges
+
+
 def profile_max_abs(
     model: nn.Module,
     layers: list[LayerInfo],
@@ -30,25 +76,7 @@ def profile_max_abs(
     device: torch.device | str,
 ) -> dict[str, float]:
     """Max |output| of every layer over the finite values of all ``batches``."""
-    peaks = dict.fromkeys((layer.name for layer in layers), 0.0)
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-            values = output.detach().abs()
-            values = values[torch.isfinite(values)]
-            if values.numel():
-                peaks[name] = max(peaks[name], float(values.max()))
-
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in peaks]
-    try:
-        for images in batches:
-            model(images.to(device, fmt.dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return peaks
+    return {name: stats.max_abs for name, stats in activation_ranges(model, layers, batches, fmt, device).items()}
 
 
 def cached_profile(cache_dir: Path, key: dict[str, Any], compute: Callable[[], dict[str, float]]) -> dict[str, float]:

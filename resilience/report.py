@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resilience.storage import atomic_write, read_json, write_text
+from resilience.figures import pyplot, save_png
+from resilience.storage import read_json, write_text
 
 TEXT_PREFIX = "backbone."  # the text model's backbone layers are the baseline's layers under this prefix
 COMPARED = ("dataset", "split", "format", "clamp")  # must agree between the campaigns
@@ -60,9 +61,9 @@ class CampaignResult:
 def _typed(row: dict[str, str]) -> dict[str, Any]:
     typed: dict[str, Any] = {}
     for key, value in row.items():
-        if key in ("layer", "kind", "out_shape"):
+        if key in ("layer", "kind", "out_shape", "stop_reason"):  # stop_reason, rounds: stratified campaigns
             typed[key] = value
-        elif key in ("order", "neurons", "n", "non_finite", "mismatches"):
+        elif key in ("order", "neurons", "n", "non_finite", "mismatches", "rounds"):
             typed[key] = int(value)
         else:
             typed[key] = float(value) if value != "" else math.nan
@@ -197,12 +198,7 @@ def layers_comparison_csv(aligned: Sequence[tuple[str, dict | None, dict | None]
 
 def plot_layers(aligned: Sequence[tuple[str, dict | None, dict | None]], path: Path, title: str) -> Path:
     """Per-layer ΔLoss of both models on a log scale (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(aligned) + 2), 4.2))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.32 * len(aligned) + 2), 4.2))
     for which, label, marker in ((1, "baseline", "o"), (2, "text-guided", "s")):
         xs = [i for i, row in enumerate(aligned) if row[which] and row[which]["mean_delta_loss"] > 0]
         ys = [aligned[i][which]["mean_delta_loss"] for i in xs]
@@ -215,11 +211,7 @@ def plot_layers(aligned: Sequence[tuple[str, dict | None, dict | None]], path: P
     ax.grid(True, which="major", axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
 def compare(base_dir: Path, text_dir: Path, out: Path, fused_dir: Path | None = None) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from resilience.figures import pyplot, save_png
+from resilience.storage import atomic_write, write_text
 from resilience.weights.fault_list import COUNT_COLUMNS, FaultList, format_index, write_fault_list
 from resilience.weights.runner import Outcomes
 
@@ -80,13 +82,8 @@ def summarize(table: pd.DataFrame, by: str) -> pd.DataFrame:
 
 def plot_critical_by_bit(by_bit: pd.DataFrame, path: str | os.PathLike, *, bits: int = 32, title: str = "") -> None:
     """Bar chart of the critical (SDC-1) rate per bit position, with the input list's rate if known."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rate = by_bit.set_index("Bit")["critical_rate"].reindex(range(bits)) * 100
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = pyplot().subplots(figsize=(10, 3.6))
     ax.bar(rate.index, rate.fillna(0).to_numpy(), color="#c0392b", label="this run")
     if "ref_critical_rate" in by_bit:
         ref = by_bit.set_index("Bit")["ref_critical_rate"].reindex(range(bits)) * 100
@@ -104,11 +101,7 @@ def plot_critical_by_bit(by_bit: pd.DataFrame, path: str | os.PathLike, *, bits:
     if title:
         ax.set_title(title, fontsize=10, pad=14)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, Path(path))
 
 
 def markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
@@ -123,16 +116,8 @@ def markdown_table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def critical_rate_by_bit(by_bit: pd.DataFrame) -> dict[int, float]:
@@ -179,7 +164,7 @@ def write_outputs(
     plot_critical_by_bit(by_bit, out / "critical_by_bit.png", bits=bits, title=title.strip())
     columns = ["faults", "n_injections", "masked_rate", "non_critical_rate", "critical_rate", "delta_loss_mean"]
     extra = ["ref_critical_rate"] if "ref_critical_rate" in by_bit else []
-    _write_text(out / "summary.md", "\n\n".join([
+    write_text(out / "summary.md", "\n\n".join([
         f"# Weight faults: {title}",
         f"Fault list `{summary.get('fault_list', '')}`, checkpoint `{summary.get('checkpoint', '')}`, "
         f"dataset {summary.get('dataset', '')}, method {summary.get('method', '')}.",
@@ -190,7 +175,7 @@ def write_outputs(
     comparison = reference_comparison(table)
     if comparison is not None:
         summary["reference_comparison"] = comparison
-    _write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
     return summary
 
 
