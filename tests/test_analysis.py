@@ -154,16 +154,39 @@ def test_ablation_plan_trains_each_init_from_its_own_features(tmp_path: Path) ->
     assert given.campaign_dir("baseline") == tmp_path / "base"
 
 
-def test_every_ablation_command_parses(tmp_path: Path) -> None:
+def parse_step(step: Step) -> None:
+    """Parse a step's command with the parser of the script it runs (argparse exits on a bad flag)."""
     import inject
+    import report
     import train
     from text_features.build import get_args_parser as features_parser
 
-    parsers = {"train.py": train.get_args_parser(), "inject.py": inject.get_args_parser(),
-               "-m": features_parser()}
+    first, *rest = step.command
+    if first == "-m":
+        assert rest[0] == "text_features.build"
+        features_parser().parse_args(rest[1:])
+        return
+    parsers = {"train.py": train.get_args_parser, "inject.py": inject.get_args_parser,
+               "report.py": report.get_args_parser, "analyze.py": analyze.get_args_parser}
+    parsers[first]().parse_args(rest)
+
+
+def test_every_ablation_command_parses(tmp_path: Path) -> None:
     plan = AblationPlan(out=tmp_path, config="configs/fashion_mnist/resnet20.yaml", dataset="fashion-mnist")
     for step in ablation_steps(plan):
-        first, *rest = step.command
-        if first == "-m":
-            rest = rest[1:]
-        parsers[first].parse_args(rest)
+        parse_step(step)
+
+
+def test_quickstart_commands_parse(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "scripts" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    args = quickstart.get_args_parser().parse_args(["--out", str(tmp_path), "--epochs", "1"])
+    steps = quickstart.quickstart_steps(args, tmp_path, tmp_path / "features.pth")
+    assert [s.command[0] for s in steps] == ["train.py", "inject.py"] * 2 + ["report.py", "analyze.py", "analyze.py"]
+    for step in steps:
+        parse_step(step)
+    text_train = steps[2].command
+    assert text_train[text_train.index("--text-features") + 1] == str(tmp_path / "features.pth")
