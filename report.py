@@ -1,10 +1,12 @@
 """Reports over finished fault-injection campaigns.
 
     python report.py compare runs/fi_base runs/fi_text --out runs/table1 [--fused runs/fi_fused]
+    python report.py collect runs/*/table1/table1.csv --out runs/paper_table1
 
 writes the paper's Table 1 row (accuracy, last-layer and overall ΔLoss improvement, mean golden
 Top2Diff) as table1.csv and table1.md, the per-layer comparison layers_compared.csv and the per-layer
-ΔLoss plot delta_loss_per_layer.png (log scale, both models). See docs/injection.md.
+ΔLoss plot delta_loss_per_layer.png (log scale, both models); ``collect`` gathers the rows of several
+models into one table. See docs/injection.md.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from resilience.report import ReportError, compare, table1_markdown
+from resilience.report import ReportError, collect, compare, table1_markdown, table1_rows_markdown
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", default=None, metavar="DIR",
                    help="campaign of the text model run with --fuse-text-head (last layer as one B->C layer)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    c = sub.add_parser("collect", help="gather table1.csv files of several models into one table")
+    c.add_argument("tables", nargs="+", metavar="TABLE1_CSV")
+    c.add_argument("--out", required=True, metavar="DIR", help="output folder")
     return parser
 
 
@@ -34,11 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the report; errors print as one line (exit code 2)."""
     args = get_args_parser().parse_args(argv)
     try:
-        row = compare(Path(args.base), Path(args.text), Path(args.out), Path(args.fused) if args.fused else None)
+        if args.command == "collect":
+            rows = collect([Path(t) for t in args.tables], Path(args.out))
+            print("\n".join(table1_rows_markdown(rows)))
+        else:
+            row = compare(Path(args.base), Path(args.text), Path(args.out), Path(args.fused) if args.fused else None)
+            print(table1_markdown(row), end="")
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(table1_markdown(row), end="")
     print(f"outputs in {args.out}")
     return 0
 

@@ -140,20 +140,29 @@ def _cell(x: Any, spec: str) -> str:
     return str(x)
 
 
+TABLE1_HEAD = ("Model", "Dataset", "Acc. baseline", "Acc. text", "Last layer ×", "Last layer (fused) ×", "Overall ×",
+               "Top2Diff baseline", "Top2Diff text", "ΔTop2Diff")
+
+
+def table1_rows_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Table 1 rows (accuracy and Top2Diff in %, improvements as ratios) as Markdown table lines."""
+    lines = ["| " + " | ".join(TABLE1_HEAD) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(TABLE1_HEAD) - 2)) + "|"]
+    for row in rows:
+        cells = [
+            row["model"], row["dataset"], _cell(100 * row["baseline_accuracy"], ".2f"),
+            _cell(100 * row["text_accuracy"], ".2f"), _cell(row["last_layer_improvement"], ".3g"),
+            _cell(row["fused_last_layer_improvement"], ".3g"), _cell(row["overall_improvement"], ".3g"),
+            _cell(row["baseline_top2diff"], ".2f"), _cell(row["text_top2diff"], ".2f"),
+            _cell(row["top2diff_difference"], "+.2f"),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
 def table1_markdown(row: dict[str, Any]) -> str:
-    """The row as a Markdown table (accuracy and Top2Diff in %, improvements as ratios)."""
-    head = ["Model", "Dataset", "Acc. baseline", "Acc. text", "Last layer ×", "Last layer (fused) ×", "Overall ×",
-            "Top2Diff baseline", "Top2Diff text", "ΔTop2Diff"]
-    cells = [
-        row["model"], row["dataset"], _cell(100 * row["baseline_accuracy"], ".2f"), _cell(100 * row["text_accuracy"], ".2f"),
-        _cell(row["last_layer_improvement"], ".3g"), _cell(row["fused_last_layer_improvement"], ".3g"),
-        _cell(row["overall_improvement"], ".3g"), _cell(row["baseline_top2diff"], ".2f"), _cell(row["text_top2diff"], ".2f"),
-        _cell(row["top2diff_difference"], "+.2f"),
-    ]
+    """The row as a Markdown table with a note giving the raw ΔLoss values behind the ratios."""
     return "\n".join([
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|",
-        "| " + " | ".join(cells) + " |",
+        *table1_rows_markdown([row]),
         "",
         f"ΔLoss ({row['format']}, clamp {row['clamp']}, {row['injections_per_layer']} injections per layer): "
         f"last layer {_cell(row['baseline_last_layer_delta_loss'], '.4g')} (baseline) vs "
@@ -230,3 +239,30 @@ def compare(base_dir: Path, text_dir: Path, out: Path, fused_dir: Path | None = 
     write_text(out / "layers_compared.csv", layers_comparison_csv(aligned))
     plot_layers(aligned, out / "delta_loss_per_layer.png", f"{row['model']} on {row['dataset']}: ΔLoss per layer")
     return row
+
+
+TABLE1_TEXT_COLUMNS = ("model", "dataset", "format", "clamp", "injections_per_layer")
+
+
+def read_table1(path: Path) -> list[dict[str, Any]]:
+    """The rows of a table1.csv written by :func:`compare` or :func:`collect`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path} not found (run report.py compare first)")
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: v if k in TABLE1_TEXT_COLUMNS else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def collect(tables: Sequence[Path], out: Path) -> list[dict[str, Any]]:
+    """Gather several table1.csv files into one table1.csv and table1.md (one row per model)."""
+    rows = [row for path in tables for row in read_table1(path)]
+    if not rows:
+        raise ReportError("no rows to collect")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    out = Path(out)
+    write_text(out / "table1.csv", buf.getvalue())
+    write_text(out / "table1.md", "\n".join(table1_rows_markdown(rows)) + "\n")
+    return rows

@@ -93,3 +93,20 @@ def test_errors(campaigns: tuple[Path, Path, Path], tmp_path: Path, capsys: pyte
     assert report_cli.main(["compare", str(tmp_path / "missing"), str(text), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_collect_gathers_rows_of_several_models(campaigns: tuple[Path, Path, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    base, text, fused = campaigns
+    first = compare(base, text, tmp_path / "a", fused)
+    second = compare(base, text, tmp_path / "b")
+    argv = ["collect", str(tmp_path / "a" / "table1.csv"), str(tmp_path / "b" / "table1.csv"), "--out", str(tmp_path / "all")]
+    assert report_cli.main(argv) == 0
+    md = (tmp_path / "all" / "table1.md").read_text().splitlines()
+    assert len(md) == 4 and md[2].startswith("| resnet20 | fashion-mnist | 90.00 | 91.00 | 4 | 4 |")
+    assert "| n/a |" in md[3]  # the second row had no fused campaign
+    with open(tmp_path / "all" / "table1.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["overall_improvement"]) for r in rows] == [first["overall_improvement"], second["overall_improvement"]]
+    assert "Last layer ×" in capsys.readouterr().out
+    assert report_cli.main(["collect", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x")]) == 2

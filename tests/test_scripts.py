@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -124,3 +125,43 @@ def test_test_py_accepts_paper_flags() -> None:
     )
     assert (args.data_path, args.checkpoint, args.head, args.text_features, args.embed_dim) == (
         "/d", "c.pth", "text", "f.pth", 512)
+
+
+PAPER_SCRIPTS = sorted((REPO / "scripts" / "paper").glob("*.sh"))
+
+
+def paper_commands(script: Path, **env: str) -> list[list[str]]:
+    """The commands a scripts/paper script would run (DRY_RUN=1 prints them as '+ cmd')."""
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DRY_RUN": "1", "DATA_PATH": "/data", **env})
+    assert proc.returncode == 0, proc.stderr
+    return [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.mark.parametrize("script", [p for p in PAPER_SCRIPTS if p.name != "common.sh"], ids=lambda p: p.name)
+def test_paper_scripts_commands_parse(script: Path) -> None:
+    import analyze
+    import inject
+    import report
+
+    parsers = {"inject.py": inject.get_args_parser, "report.py": report.get_args_parser,
+               "analyze.py": analyze.get_args_parser}
+    commands = paper_commands(script)
+    assert commands
+    for command in commands:
+        name = next(arg for arg in command if arg.endswith(".py"))
+        parsers[name]().parse_args(command[command.index(name) + 1 :])
+
+
+def test_paper_table1_covers_every_backbone_with_its_classifier() -> None:
+    commands = paper_commands(REPO / "scripts" / "paper" / "table1.sh")
+    fused = [c for c in commands if "--fuse-text-head" in c]
+    assert {c[c.index("--checkpoint") + 1].split("/")[-2].removeprefix("imagenet_").removesuffix("_text")
+            for c in fused} == TABLE1
+    import models
+
+    for name in ("resnet18", "mobilenet_v2", "alexnet"):  # cheap to build; the rest follow the same families
+        command = next(c for c in fused if f"imagenet_{name}_text" in c[c.index("--checkpoint") + 1])
+        pattern = command[command.index("--layers") + 1]
+        model = models.fuse_text_head(models.build_model(name, 10, head="text", embed_dim=16))
+        assert re.fullmatch(pattern, models.classifier_name(model)), (name, pattern)
