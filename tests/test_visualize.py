@@ -17,8 +17,8 @@ import data
 import models
 import visualize
 from analysis.cam import FAMILY_LAYERS, CamLayer, ablation_cams, cam_cosine, resolve_cam_layer
-from analysis.cam_compare import CSV_COLUMNS, CamModel, InputImage, compare_cams, summarize
-from analysis.cam_figure import grid_size_px
+from analysis.cam_compare import CSV_COLUMNS, CamModel, InputImage, compare_cams, csv_rows, summarize
+from analysis.cam_figure import grid_size_px, render_grid
 from analysis.faults_for_cam import (
     FaultSpecError,
     ModelFaults,
@@ -39,6 +39,7 @@ FEATURES = Path(__file__).resolve().parents[1] / "text_features" / "assets" / "f
 PRESET = data.eval_preset("fashion-mnist", "resnet20")
 ZERO_LAYER = "layer1.0.conv1"  # the tests zero one weight of it: a flip of its sign bit is masked
 ZERO_INDEX = (0, 0, 0, 0)
+NAN_INDEX = (1, 0, 0, 0)  # holds 1.5 (exponent 127): flipping bit 30 sets every exponent bit -> NaN
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,7 +59,8 @@ def tiny_pair() -> tuple[nn.Module, nn.Module]:
     text = models.build_model("resnet20", 10, head="text", embed_dim=feats.shape[1], text_features=feats, in_chans=1)
     for model in (baseline, text):
         with torch.no_grad():
-            model.get_submodule(backbone_prefix(model) + ZERO_LAYER).weight[ZERO_INDEX] = 0.0
+            weight = model.get_submodule(backbone_prefix(model) + ZERO_LAYER).weight
+            weight[ZERO_INDEX], weight[NAN_INDEX] = 0.0, 1.5
     return baseline.eval(), text.eval()
 
 
@@ -226,6 +228,19 @@ def test_masked_fault_gives_cosine_one(pair) -> None:
     assert [results[0].cosine(k) for k in ("baseline", "text")] == [1.0, 1.0]
     with injected(pair[1], faults[1]):
         assert str(pair[1].backbone.get_submodule(ZERO_LAYER).weight[ZERO_INDEX].item()) == "-0.0"
+
+
+def test_nan_logits_have_no_class(pair, tmp_path: Path) -> None:
+    faults = pair_faults(*pair, SingleWeightFault(WeightFault(ZERO_LAYER, NAN_INDEX, 30)), None)
+    results = compare_cams(cam_models(pair, faults), images(1), batch_size=16, progress=False)
+    names = data.get_class_names("fashion-mnist")
+    rows = csv_rows(results, ("baseline", "text"), names)
+    assert [(r["faulty_class"], r["flipped"], r["faulty_finite"]) for r in rows] == [("none (NaN)", True, False)] * 2
+    assert all(math.isnan(r["cam_cosine"]) and math.isnan(r["faulty_confidence"]) for r in rows)
+    assert summarize(results, ("baseline", "text"))["text"]["non_finite"] == 1
+    render_grid(results, ("baseline", "text"), ("baseline", "text-guided"), names, tmp_path / "nan.png")
+    with Image.open(tmp_path / "nan.png") as png:
+        assert png.size == grid_size_px(rows=1, columns=5)
 
 
 def test_cli_grid_csv_json_and_fault_lists(checkpoints, tmp_path: Path) -> None:

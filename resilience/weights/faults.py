@@ -238,17 +238,31 @@ def random_weight_faults(
     for target, b in zip(targets, allowed, strict=True):
         if len(b) == 0 or b.min() < 0 or b.max() >= target.bits:
             raise WeightFaultError(f"bits must be a non-empty subset of [0, {target.bits - 1}] for {target.layer}")
-    sizes = np.array([t.numel * len(b) for t, b in zip(targets, allowed, strict=True)], dtype=np.int64)
-    total = int(sizes.sum())
+    total = sum(t.numel * len(b) for t, b in zip(targets, allowed, strict=True))
     if not 0 <= n <= total:
         raise WeightFaultError(f"cannot draw {n} distinct faults from {total} sites")
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(total, size=n, replace=False)  # Floyd-style sampling: fine for huge populations
+    return draw_weight_faults(targets, allowed, n, np.random.default_rng(seed))
+
+
+def draw_weight_faults(
+    targets: Sequence[FaultTarget], allowed: Sequence[np.ndarray], n: int, rng: np.random.Generator, *,
+    in_site_order: bool = False,
+) -> list[WeightFault]:
+    """``n`` distinct (element, bit) sites uniform over ``targets`` (``allowed[i]``: bit positions of target i).
+
+    Faults come in draw order, or in parameter/element/bit order with ``in_site_order``.
+    """
+    if n == 0:
+        return []
+    sizes = np.array([t.numel * len(b) for t, b in zip(targets, allowed, strict=True)], dtype=np.int64)
+    picks = rng.choice(int(sizes.sum()), size=n, replace=False)  # Floyd-style sampling: fine for huge populations
+    if in_site_order:
+        picks = np.sort(picks)
     offsets = np.r_[0, np.cumsum(sizes)]
     target_ids = np.searchsorted(offsets, picks, side="right") - 1
-    local = picks - offsets[target_ids]
     nbits = np.array([len(b) for b in allowed])[target_ids]
-    elements, bit_pos = np.divmod(local, nbits)
-    bit_values = np.array([allowed[t][p] for t, p in zip(target_ids.tolist(), bit_pos.tolist(), strict=True)], dtype=np.int64)
+    elements, bit_pos = np.divmod(picks - offsets[target_ids], nbits)
+    bit_values = np.array([allowed[t][p] for t, p in zip(target_ids.tolist(), bit_pos.tolist(), strict=True)],
+                          dtype=np.int64)
     site_bits = np.array([targets[t].bits for t in target_ids.tolist()], dtype=np.int64)
     return sites_to_faults(targets, target_ids, elements * site_bits + bit_values)
