@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
+from resilience.engines.fast import FastEngine
 from resilience.engines.reference import EngineError, ReferenceEngine
 
 ENGINES: dict[str, type[Engine]] = {
     ReferenceEngine.name: ReferenceEngine,
+    FastEngine.name: FastEngine,
 }
 
 

@@ -1,0 +1,559 @@
+"""The fast engine: one golden pass per image, suffix-only faulty passes on windows, exact fault dropping.
+
+The model is traced once with torch.fx (:mod:`resilience.engines.graph_split`). For every layer the
+engine knows the *suffix* (the nodes that depend on the layer's output) and the golden values that
+suffix reads. A :class:`GoldenStore` runs the fault-free model once per image and keeps those values
+for all layers at once (bounded by ``cache_bytes``, least recently used images go first). A batch of
+faults of one layer then
+
+1. reads its images' golden layer outputs and flips one element per row exactly as the reference
+   engine does (:func:`resilience.engines.reference.inject_output`, clamp included); rows whose flipped
+   element is bit-for-bit the golden one (a clamp can do that) are done;
+2. runs the suffix only. A conv layer's perturbation starts as a 1x1 window (all channels): per-pixel
+   operations run on the window, convs and pools on the window grown by their reach (the golden map
+   fills the halo), residual additions on the union of windows. A window that grows past half its
+   map, or meets any other operation, is pasted into the golden map and the rest runs on whole maps.
+   This is the fault's cone of influence: early layers touch a few pixels of the next feature maps;
+3. before the first heavy node after the layer (conv, linear, matmul) compares the live perturbed values
+   with their golden values, bit for bit: rows where all are equal are fully masked (a ReLU or max-pool
+   absorbed the flip), their logits are the golden logits and they leave the batch. Exact equality,
+   never a threshold. (Later tests were tried: a flip that survives the first ReLU almost never
+   vanishes after a conv, so they cost more than they save);
+4. a layer whose output is the logits needs no pass at all (closed form: the golden logits with one
+   element replaced).
+
+Models torch.fx cannot trace, and layers whose plan fails or whose self-check fails (the plan's
+fault-free logits against the model's own on one image), run a hooked full forward per batch of
+faults, and :meth:`FastEngine.describe` says so. Results agree with the reference engine to
+floating-point reassociation: convolutions on a window sum in another order than on the whole map.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from resilience.engines import graph_split
+from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
+from resilience.engines.graph_split import NodeFacts, SplitError, Step, SuffixPlan
+from resilience.engines.reference import EngineError, inject_output
+from resilience.layers import LayerInfo
+
+DEFAULT_CACHE_BYTES = 2 << 30
+PROBE_BATCH = 5  # odd and unusual, so that a leading dimension equal to it marks the batch dimension
+MAX_IMAGES = 1 << 16  # golden store slots, whatever the budget (ImageNet's validation split has 50 000 images)
+WINDOW_LIMIT = 0.5  # a window covering more of its map than this is pasted and the op runs on whole maps
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Floating-point tensors as their integer words, so that == compares bit patterns (-0.0 != 0.0)."""
+    return t.view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+
+
+def _rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row (dim 0): every element of ``a`` has the bits of ``b``'s."""
+    return (_bits(a) == _bits(b)).reshape(len(a), -1).all(dim=1)
+
+
+def _crop(src: torch.Tensor, rows: list[int], ys: list[int], xs: list[int], size: tuple[int, int], fill: float) -> torch.Tensor:
+    """``src[rows[f], :, ys[f] : ys[f] + h, xs[f] : xs[f] + w]`` stacked ([F, C, h, w]); off-map pixels read
+    ``fill``. Row by row: slicing copies contiguous runs, where one advanced-indexing gather is far slower."""
+    h, w = size
+    height, width = src.shape[-2:]
+    if all(y >= 0 and x >= 0 and y + h <= height and x + w <= width for y, x in zip(ys, xs, strict=True)):
+        return torch.stack([src[r, :, y : y + h, x : x + w] for r, y, x in zip(rows, ys, xs, strict=True)])
+    out = src.new_full((len(rows), src.shape[1], h, w), fill)
+    for f, (r, y, x) in enumerate(zip(rows, ys, xs, strict=True)):
+        y0, y1, x0, x1 = max(y, 0), min(y + h, height), max(x, 0), min(x + w, width)
+        if y0 < y1 and x0 < x1:
+            out[f, :, y0 - y : y1 - y, x0 - x : x1 - x] = src[r, :, y0:y1, x0:x1]
+    return out
+
+
+def _overlay(dst: torch.Tensor, ys: list[int], xs: list[int], window: Window) -> torch.Tensor:
+    """Write ``window`` into ``dst`` ([F, C, h, w] boxes whose top-left pixels are ``ys``, ``xs``) where they meet."""
+    h, w = dst.shape[-2:]
+    wh, ww = window.crop.shape[-2:]
+    for f, (y, x, top, left) in enumerate(zip(ys, xs, window.top.tolist(), window.left.tolist(), strict=True)):
+        y0, y1, x0, x1 = max(y, top), min(y + h, top + wh), max(x, left), min(x + w, left + ww)
+        if y0 < y1 and x0 < x1:
+            dst[f, :, y0 - y : y1 - y, x0 - x : x1 - x] = window.crop[f, :, y0 - top : y1 - top, x0 - left : x1 - left]
+    return dst
+
+
+@dataclass
+class Window:
+    """A perturbed [F, C, H, W] value that equals its golden value outside one box per row."""
+
+    crop: torch.Tensor  # [F, C, h, w]: the value inside the box
+    top: torch.Tensor  # [F] first row of the box (int64, on the CPU: boxes are cut row by row in Python)
+    left: torch.Tensor  # [F] first column
+
+    def subset(self, keep: torch.Tensor) -> Window:
+        cpu = keep.cpu()
+        return Window(self.crop[keep], self.top[cpu], self.left[cpu])
+
+
+class GoldenStore:
+    """Golden values of the nodes the plans read, per image, in one slot tensor per node.
+
+    Images are computed in batches by one recorder pass of the traced model and evicted least recently
+    used first when more than ``capacity`` images would be held (``capacity`` = ``cache_bytes`` over the
+    bytes one image needs, at least 1 and at most ``MAX_IMAGES``).
+    """
+
+    def __init__(
+        self, gm: fx.GraphModule, nodes: list[fx.Node], shared: list[fx.Node], facts: dict[fx.Node, NodeFacts],
+        cache_bytes: int,
+    ) -> None:
+        self.nodes, self.shared_nodes = nodes, shared
+        self.recorder = graph_split.recorder(gm, [*nodes, *shared])
+        self.image_bytes = sum(math.prod(facts[n].shape[1:]) for n in nodes) * 4  # fp32 bound
+        self.capacity = max(1, min(MAX_IMAGES, cache_bytes // max(1, self.image_bytes)))
+        self.slabs: dict[fx.Node, torch.Tensor] = {}
+        self._free: list[int] = []  # slots holding no image
+        self.shared: dict[fx.Node, Any] = {}
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # image id -> slot, least recently used first
+        self.computed = 0  # images run through the recorder (a measure of golden work)
+
+    def slots(self, ids: list[int], source: ImageSource, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Slot of each image in ``ids`` (at most ``capacity`` distinct), computing the missing ones."""
+        wanted = dict.fromkeys(ids)
+        if len(wanted) > self.capacity:
+            raise EngineError(f"{len(wanted)} images in one batch but the golden cache holds {self.capacity}")
+        for image in wanted:
+            if image in self.slot_of:
+                self.slot_of.move_to_end(image)
+        missing = [i for i in wanted if i not in self.slot_of]
+        step = max(1, self.capacity // 4)  # a recorder pass holds its outputs twice (returned, then stored)
+        for start in range(0, len(missing), step):
+            batch = missing[start : start + step]
+            values = self.recorder(source.images(torch.tensor(batch)).to(device, dtype))
+            self.computed += len(batch)
+            if not self.shared:
+                self.shared = dict(zip(self.shared_nodes, values[len(self.nodes) :], strict=True))
+            slots = torch.tensor(self._free_slots(len(batch), wanted, values), device=device)
+            for node, value in zip(self.nodes, values, strict=False):
+                self.slabs[node][slots] = value
+            self.slot_of.update(zip(batch, slots.tolist(), strict=True))
+        return torch.tensor([self.slot_of[i] for i in ids], device=device)
+
+    def _free_slots(self, count: int, keep: dict[int, None], like: tuple[torch.Tensor, ...]) -> list[int]:
+        """``count`` slots not holding an image of ``keep``: unused ones, else those of the least recently
+        used images."""
+        if not self.slabs:  # all at once: on the CPU untouched pages cost nothing
+            self.slabs = {n: v.new_empty((self.capacity, *v.shape[1:])) for n, v in zip(self.nodes, like, strict=False)}
+            self._free = list(range(self.capacity))
+        while len(self._free) < count:
+            image = next(i for i in self.slot_of if i not in keep)
+            self._free.append(self.slot_of.pop(image))
+        taken, self._free = self._free[:count], self._free[count:]
+        return taken
+
+
+class _Run:
+    """One batch of faults of one layer going through the suffix plan."""
+
+    def __init__(self, engine: FastEngine, plan: SuffixPlan, slots: torch.Tensor) -> None:
+        self.engine, self.plan, self.store = engine, plan, engine._store
+        self.facts = engine._facts
+        self.slots = slots
+        self.rows = slots.tolist()
+        self.index = torch.arange(len(slots), device=slots.device)  # rows' positions in the batch
+        self.env: dict[fx.Node, Any] = {}
+        self._golden_full: dict[fx.Node, torch.Tensor] = {}
+
+    # values ------------------------------------------------------------------------------------------
+    def golden_full(self, node: fx.Node) -> torch.Tensor:
+        if node not in self._golden_full:
+            self._golden_full[node] = self.store.slabs[node].index_select(0, self.slots)
+        return self._golden_full[node]
+
+    def full(self, node: fx.Node) -> Any:
+        """The value of ``node`` for the rows, as a whole tensor (a window is pasted into its golden map)."""
+        if node.op == "get_attr" or (node not in self.env and not self.facts[node].input_dependent):
+            return self.store.shared[node]
+        if node not in self.env:
+            return self.golden_full(node)
+        value = self.env[node]
+        if isinstance(value, Window):
+            whole = self.store.slabs[node].index_select(0, self.slots)
+            zeros = [0] * len(self.rows)
+            self.env[node] = value = _overlay(whole, zeros, zeros, value)
+        return value
+
+    def region(self, node: fx.Node, ys: list[int], xs: list[int], size: tuple[int, int], fill: float) -> torch.Tensor:
+        """The value of ``node`` on the per-row boxes at ``ys``, ``xs`` of ``size`` ([F, C, h, w]), ``fill``
+        off the map."""
+        value = self.env.get(node)
+        if isinstance(value, torch.Tensor):
+            return _crop(value, list(range(len(self.rows))), ys, xs, size, fill)
+        if isinstance(value, Window) and tuple(value.crop.shape[-2:]) == size and value.top.tolist() == ys and (
+            value.left.tolist() == xs
+        ):
+            return value.crop
+        golden = _crop(self.store.slabs[node], self.rows, ys, xs, size, fill)
+        return golden if value is None else _overlay(golden, ys, xs, value)
+
+    def subset(self, keep: torch.Tensor) -> None:
+        """Keep only the rows ``keep`` (a bool mask)."""
+        self.slots, self.index = self.slots[keep], self.index[keep]
+        self.rows = self.slots.tolist()
+        self._golden_full.clear()
+        for node, value in self.env.items():
+            if isinstance(value, Window):
+                self.env[node] = value.subset(keep)
+            elif isinstance(value, torch.Tensor) and self.facts[node].batch_first:
+                self.env[node] = value[keep]
+
+    # steps -------------------------------------------------------------------------------------------
+    def call(self, node: fx.Node, transform: Any = None) -> Any:
+        """Run ``node`` on whole values (or, with ``transform``, on what it maps each input node to)."""
+        get = transform or self.full
+        args = fx.node.map_arg(node.args, get)
+        kwargs = fx.node.map_arg(node.kwargs, get)
+        if node.op == "call_module":
+            return self.engine._modules[str(node.target)](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        self_arg, *rest = args
+        return getattr(self_arg, str(node.target))(*rest, **kwargs)
+
+    def local(self, step: Step) -> Any:
+        """A conv/pool/subsampling step on a window: its output box and the input box it reads."""
+        node, spec = step.node, step.local
+        assert spec is not None
+        source: fx.Node = node.args[0]
+        value: Window = self.env[source]
+        out_h, out_w = self.facts[node].shape[2:]
+        starts, sizes, tops = [], [], []
+        for dim, (start, extent, limit) in enumerate(((value.top, value.crop.shape[2], out_h), (value.left, value.crop.shape[3], out_w))):
+            k, s, p, d = spec.kernel[dim], spec.stride[dim], spec.padding[dim], spec.dilation[dim]
+            lo = (-(-(start + p - (k - 1) * d) // s)).clamp(min=0)  # first output whose reach meets the box
+            hi = ((start + extent - 1 + p) // s).clamp(max=limit - 1)
+            n = int((hi - lo + 1).max())
+            lo = torch.minimum(lo, torch.full_like(lo, limit - n))
+            tops.append(lo)
+            sizes.append(n)
+            starts.append((lo * s - p, (n - 1) * s + (k - 1) * d + 1))
+        if sizes[0] * sizes[1] > WINDOW_LIMIT * out_h * out_w:
+            return self.call(node)
+        (y0, rh), (x0, rw) = starts
+        grid = self.region(source, y0.tolist(), x0.tolist(), (rh, rw), spec.fill)
+        module = self.engine._modules.get(str(node.target)) if node.op == "call_module" else None
+        if spec.kind == "conv":
+            out = F.conv2d(grid, module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
+        elif spec.kind == "maxpool":
+            out = F.max_pool2d(grid, module.kernel_size, module.stride, 0, module.dilation)
+        elif spec.kind == "avgpool":
+            out = F.avg_pool2d(grid, module.kernel_size, module.stride, 0, False, module.count_include_pad)
+        else:
+            out = grid[node.args[1]]
+        return Window(out, tops[0], tops[1])
+
+    def binary(self, node: fx.Node) -> Any:
+        """An element-wise step on windows: both operands on the union of their boxes."""
+        windows = [self.env[a] for a in node.all_input_nodes if isinstance(self.env.get(a), Window)]
+        height, width = self.facts[node].shape[2:]
+        box = []
+        for starts, extent, limit in (([w.top for w in windows], 2, height), ([w.left for w in windows], 3, width)):
+            lo = torch.stack(starts).amin(0)
+            hi = torch.stack([s + w.crop.shape[extent] for s, w in zip(starts, windows, strict=True)]).amax(0)
+            n = int((hi - lo).max())
+            box.append((torch.minimum(lo, torch.full_like(lo, limit - n)), n))
+        (top, h), (left, w) = box
+        ys, xs = top.tolist(), left.tolist()
+        out = self.call(node, lambda a: self.region(a, ys, xs, (h, w), 0.0) if self.facts[a].input_dependent else self.full(a))
+        return Window(out, top, left)
+
+    def check(self, live: list[fx.Node]) -> None:
+        """Drop the rows whose live perturbed values all equal their golden values, bit for bit."""
+        if any(not isinstance(v, Window) and not (isinstance(v, torch.Tensor) and self.facts[n].batch_first)
+               for n, v in self.env.items()):
+            return  # a value held that is not per row (a size) would not follow a change of the row count
+        values = [self.env[n] for n in live]
+        same = torch.ones(len(self.slots), dtype=torch.bool, device=self.slots.device)
+        for node, value in zip(live, values, strict=True):
+            if isinstance(value, Window):
+                size = tuple(value.crop.shape[-2:])
+                golden = _crop(self.store.slabs[node], self.rows, value.top.tolist(), value.left.tolist(), size, 0.0)
+                same &= _rows_equal(value.crop, golden)
+            else:
+                same &= _rows_equal(value, self.golden_full(node))
+        if bool(same.any()):
+            self.subset(~same)
+
+    def execute(self, drop: bool) -> torch.Tensor:
+        """Run the plan's steps on the rows; returns the logits of the rows still in ``self.index``."""
+        plan = self.plan
+        for i, step in enumerate(plan.steps):
+            if drop and i == plan.check:
+                self.check(plan.frontier)
+                if not len(self.slots):
+                    return torch.empty(0)
+            node, arg = step.node, step.node.args[0] if step.node.args else None
+            windowed_input = isinstance(self.env.get(arg), Window) if isinstance(arg, fx.Node) else False
+            if step.rule == "local" and windowed_input:
+                value = self.local(step)
+            elif step.rule == "unary" and windowed_input:
+                win = self.env[arg]
+                value = Window(self.call(node, lambda a, win=win, arg=arg: win.crop if a is arg else self.full(a)), win.top, win.left)
+            elif step.rule == "binary" and all(isinstance(self.env[a], Window) for a in node.all_input_nodes if a in self.env):
+                value = self.binary(node)
+            else:
+                value = self.call(node)
+            self.env[node] = value
+            for done in plan.free.get(i, ()):
+                self.env.pop(done, None)
+        return self.full(plan.result)
+
+
+class FastEngine(Engine):
+    """Suffix-only injection on a torch.fx trace of the model, on windows, with exact fault dropping.
+
+    ``batch_size`` bounds the faults of one suffix pass; ``cache_bytes`` bounds the golden values held
+    (for all layers at once; images are recomputed when they do not fit). ``counts[layer]`` tallies
+    ``faults`` and ``dropped`` (found masked: no suffix pass past the point of masking).
+    """
+
+    name = "fast"
+
+    def __init__(self, *args: Any, cache_bytes: int = DEFAULT_CACHE_BYTES, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if cache_bytes < 1:
+            raise EngineError("cache_bytes must be at least 1")
+        self.cache_bytes = cache_bytes
+        self.counts: dict[str, dict[str, int]] = {}
+        self._layer_fallbacks: dict[str, str] = {}
+        self._fallback: str | None = None
+        self._gm: fx.GraphModule | None = None
+        try:
+            self._gm = graph_split.trace(self.model)
+        except SplitError as exc:
+            self._fallback = str(exc)
+            warnings.warn(f"fast engine: every layer falls back to a full forward ({exc})", stacklevel=2)
+        self._modules = dict(self._gm.named_modules()) if self._gm is not None else {}
+        self._facts: dict[fx.Node, NodeFacts] = {}
+        self._plans: dict[str, SuffixPlan] | None = None
+        self._checked: set[str] = set()
+        self._store: GoldenStore | None = None
+        self._probe: tuple[int, torch.Tensor] | None = None  # an image id and the model's own logits for it
+
+    def describe(self) -> dict[str, Any]:
+        """Engine name, whether the model traced, and every layer that fell back to a full forward."""
+        info: dict[str, Any] = {"engine": self.name, "traced": self._gm is not None}
+        if self._fallback:
+            info["fallback"] = f"every layer runs a hooked full forward per batch of faults ({self._fallback})"
+        if self._layer_fallbacks:
+            info["fallback_layers"] = dict(self._layer_fallbacks)
+        return info
+
+    @property
+    def golden_images(self) -> int:
+        """Images run through the golden pass so far (each once while the cache holds it)."""
+        return self._store.computed if self._store is not None else 0
+
+    def path(self, layer: str) -> str:
+        """How faults of ``layer`` run: "closed-form", "windowed", "suffix", "fallback" or "unknown" (not run yet)."""
+        if self._fallback or layer in self._layer_fallbacks:
+            return "fallback"
+        if self._plans is None or layer not in self._plans:
+            return "unknown"
+        plan = self._plans[layer]
+        return "closed-form" if not plan.steps else "windowed" if plan.windowed else "suffix"
+
+    @torch.inference_mode()
+    def run(self, layer: LayerInfo, sites: FaultSites, source: ImageSource) -> InjectionResult:
+        """Inject every fault of ``sites`` (all in ``layer``); results in fault order."""
+        if sites.layer != layer.name:
+            raise EngineError(f"fault sites of {sites.layer!r} given for layer {layer.name!r}")
+        n = len(sites)
+        if n == 0:
+            return InjectionResult(torch.empty(0, 0), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64))
+        if int(sites.index.min()) < 0 or int(sites.index.max()) >= layer.neurons:
+            raise EngineError(f"element index out of range for layer {layer.name} ({layer.neurons} elements)")
+        if int(sites.bit.min()) < 0 or int(sites.bit.max()) >= self.fmt.bits:
+            raise EngineError(f"bit positions must lie in [0, {self.fmt.bits - 1}] for {self.fmt.name}")
+        counts = self.counts.setdefault(layer.name, {"faults": 0, "dropped": 0})
+        counts["faults"] += n
+        plan = self._plan(layer, sites, source)
+        logits: torch.Tensor | None = None
+        golden = torch.empty(n, dtype=torch.float64)
+        faulty = torch.empty(n, dtype=torch.float64)
+        with tqdm(total=n, unit="fault", desc=layer.name, leave=False, disable=None) as bar:
+            for where in self._batches(sites, plan is not None):
+                chunk = FaultSites(layer.name, sites.image[where], sites.index[where], sites.bit[where])
+                if plan is None:
+                    out, gold, bad, dropped = self._run_hooked(layer, chunk, source)
+                else:
+                    out, gold, bad, dropped = self._run_plan(plan, layer, chunk, source)
+                if logits is None:
+                    logits = torch.empty(n, out.shape[1])
+                logits[where], golden[where], faulty[where] = out, gold, bad
+                counts["dropped"] += dropped
+                bar.update(len(chunk))
+        assert logits is not None
+        return InjectionResult(logits, golden, faulty)
+
+    def _batches(self, sites: FaultSites, planned: bool) -> list[torch.Tensor]:
+        """Fault positions per batch: in order for the fallback (the reference's batches); sorted by image
+        for plans, so that batches reuse held golden values, with at most ``capacity`` images each."""
+        n = len(sites)
+        if not planned:
+            return [torch.arange(start, min(start + self.batch_size, n)) for start in range(0, n, self.batch_size)]
+        assert self._store is not None
+        order = torch.argsort(sites.image, stable=True)
+        images = sites.image[order].tolist()
+        batches, start, distinct = [], 0, 0
+        for j in range(n):
+            new = j == start or images[j] != images[j - 1]
+            if j > start and (j - start == self.batch_size or (new and distinct == self._store.capacity)):
+                batches.append(order[start:j])
+                start, distinct, new = j, 0, True
+            distinct += new
+        batches.append(order[start:])
+        return batches
+
+    # ------------------------------------------------------------------------------------- plans
+
+    def _plan(self, layer: LayerInfo, sites: FaultSites, source: ImageSource) -> SuffixPlan | None:
+        """The suffix plan of ``layer`` (all plans are made on first use, each checked on its first use),
+        or None to fall back."""
+        if self._gm is None or self._fallback or layer.name in self._layer_fallbacks:
+            return None
+        if self._plans is None:
+            try:
+                self._make_plans(int(sites.image[0]), source)
+            except Exception as exc:  # the trace does not run as the model does: no plan at all
+                self._fallback = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"fast engine: every layer falls back to a full forward ({self._fallback})", stacklevel=2)
+                return None
+        assert self._plans is not None
+        plan = self._plans.get(layer.name)
+        if plan is not None and layer.name not in self._checked:
+            try:
+                self._self_check(plan, layer, source)
+            except Exception as exc:  # any failure of the plan means: run this layer the slow, sure way
+                self._fall_back(layer.name, exc)
+                return None
+            self._checked.add(layer.name)
+        return plan
+
+    def _fall_back(self, layer: str, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self._layer_fallbacks[layer] = reason
+        warnings.warn(f"fast engine: layer {layer} falls back to a full forward ({reason})", stacklevel=3)
+
+    def _make_plans(self, probe_id: int, source: ImageSource) -> None:
+        assert self._gm is not None
+        image = source.images(torch.tensor([probe_id])).to(self.device, self.fmt.dtype)
+        self._probe = probe_id, self.model(image).float()
+        self._facts = graph_split.probe(self._gm, torch.cat([image] * PROBE_BATCH))
+        self._plans = {}
+        for name in self.layers:
+            try:
+                self._plans[name] = graph_split.plan_suffix(self._gm, self._facts, name)
+            except SplitError as exc:
+                self._fall_back(name, exc)
+        nodes = {n for plan in self._plans.values() for n in [*plan.golden, plan.result]}
+        order = {n: i for i, n in enumerate(self._gm.graph.nodes)}
+        shared = {
+            a for plan in self._plans.values() for step in plan.steps for a in step.node.all_input_nodes
+            if a.op == "get_attr" or not self._facts[a].input_dependent
+        }
+        self._store = GoldenStore(self._gm, sorted(nodes, key=order.__getitem__), sorted(shared, key=order.__getitem__),
+                                  self._facts, self.cache_bytes)
+
+    def _self_check(self, plan: SuffixPlan, layer: LayerInfo, source: ImageSource) -> None:
+        """The plan without a fault, on two rows of the probe image (a window in the middle of the map),
+        must give the model's own logits."""
+        assert self._probe is not None and self._store is not None
+        probe_id, expected = self._probe
+        slots = self._store.slots([probe_id, probe_id], source, self.device, self.fmt.dtype)
+        shape = layer.out_shape
+        middle = torch.tensor([(shape[1] // 2) * shape[2] + shape[2] // 2 if plan.windowed else layer.neurons // 2] * 2)
+        run, *_ = self._start(plan, layer, slots, middle, None)
+        logits = run.execute(drop=False).float()
+        expected = expected.expand(2, -1)
+        tol = 1e-3 if self.fmt.bits == 32 else 5e-2  # a structural check: a wrong plan is far off
+        finite = torch.isfinite(expected)
+        if logits.shape != expected.shape or not torch.equal(finite, torch.isfinite(logits)) or not bool(
+            ((logits[finite] - expected[finite]).abs() <= tol * (1 + expected[finite].abs())).all()
+        ):
+            raise SplitError(f"the plan of {layer.name} does not reproduce the model's logits")
+
+    def _start(
+        self, plan: SuffixPlan, layer: LayerInfo, slots: torch.Tensor, index: torch.Tensor, bits: torch.Tensor | None
+    ) -> tuple[_Run, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """A run whose layer output is golden but for ``bits`` flipped at ``index`` (no flip when None),
+        with the golden and faulty values (float64) and whether the flip changed the value's bits."""
+        run = _Run(self, plan, slots)
+        assert self._store is not None
+        slab = self._store.slabs[plan.cut]
+        if plan.windowed:
+            channel, y, x = torch.unravel_index(index, layer.out_shape)
+            crop = _crop(slab, run.rows, y.tolist(), x.tolist(), (1, 1), 0.0)
+            run.env[plan.cut] = Window(crop, y, x)
+            zero = torch.zeros_like(run.index)
+            where, target = (run.index, channel.to(self.device), zero, zero), crop
+        else:
+            run.env[plan.cut] = target = slab.index_select(0, slots)
+            where = (run.index, *(c.to(self.device) for c in torch.unravel_index(index, layer.out_shape)))
+        if bits is None:
+            return run, None, None, None
+        before = target[where]
+        golden, faulty = inject_output(target, where[0], where[1:], bits.to(self.device), self._max_abs(layer))
+        changed = _bits(target[where]) != _bits(before)  # a clamp can give back the golden value
+        return run, golden, faulty, changed
+
+    def _run_plan(
+        self, plan: SuffixPlan, layer: LayerInfo, sites: FaultSites, source: ImageSource
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        assert self._store is not None
+        slots = self._store.slots(sites.image.tolist(), source, self.device, self.fmt.dtype)
+        run, golden, faulty, changed = self._start(plan, layer, slots, sites.index, sites.bit)
+        assert golden is not None and faulty is not None and changed is not None
+        logits = self._store.slabs[plan.result].index_select(0, slots)
+        if not bool(changed.all()):
+            run.subset(changed)
+        if len(run.slots):
+            out = run.execute(drop=True)
+            if len(run.index):
+                logits[run.index] = out
+        return logits.float().cpu(), golden, faulty, len(sites) - len(run.index)
+
+    # ------------------------------------------------------------------------------------- fallback
+
+    def _run_hooked(
+        self, layer: LayerInfo, sites: FaultSites, source: ImageSource
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """A full forward of the batch's images with the flips made by a forward hook on the layer."""
+        images = source.images(sites.image).to(self.device, self.fmt.dtype)
+        batch = torch.arange(len(sites), device=self.device)
+        coords = tuple(c.to(self.device) for c in torch.unravel_index(sites.index, layer.out_shape))
+        bits, max_abs = sites.bit.to(self.device), self._max_abs(layer)
+        record: dict[str, torch.Tensor] = {}
+
+        def hook(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            record["golden"], record["faulty"] = inject_output(output, batch, coords, bits, max_abs)
+
+        handle = self.model.get_submodule(layer.name).register_forward_hook(hook)
+        try:
+            logits = self.model(images)
+        finally:
+            handle.remove()
+        if "golden" not in record:
+            raise EngineError(f"layer {layer.name} did not run in the forward pass")
+        return logits.float().cpu(), record["golden"], record["faulty"], 0
+
+    def _max_abs(self, layer: LayerInfo) -> float | None:
+        return None if self.clamp is None else float(self.clamp[layer.name])
