@@ -4,6 +4,7 @@
     python inject.py ... --shard 0/4          (one of four shards; or run under torchrun: one shard per rank)
     python inject.py merge DIR [DIR ...] [--out OUT]     (shards run into separate folders)
     python inject.py --fault-model weight-bitflip ...    (weight faults: see docs/weight_faults.md)
+    python inject.py ... --sampling stratified --target-ci 0.1    (bits as strata, adaptive: docs/stratified.md)
 
 Rerunning the same command resumes: finished chunks are skipped and the final files are identical to
 those of an uninterrupted run. Definitions and outputs: docs/injection.md.
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,16 @@ from resilience.golden import (
 from resilience.layers import discover_layers
 from resilience.profile import cached_profile, profile_max_abs
 from resilience.storage import atomic_write
+from resilience.stratified import AdaptiveConfig
+from resilience.stratified_campaign import (
+    add_stratified_args,
+    assemble_stratified,
+    execute_stratified,
+    is_stratified,
+    merge_stratified,
+    sampling_from_args,
+    stratified_complete,
+)
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of evaluated images held in memory; larger splits are read on demand
 GOLDEN_BATCH = 256  # fixed, so golden logits do not depend on --batch-size
@@ -112,6 +124,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--shard", default=None, metavar="i/k",
                    help="run shard i of k (0-based); under torchrun: RANK/WORLD_SIZE")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_stratified_args(parser)
     return parser
 
 
@@ -241,6 +254,7 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) this process's share of the campaign; assemble the final files when all is done."""
     import data
 
+    sampling = sampling_from_args(args)  # before the uniform default below: it refuses --injections
     if args.injections is None and args.margin is None:
         args.injections = 512
     for name in ("max_images", "batch_size", "chunk_size", "threads", "profile_images", "workers"):
@@ -264,7 +278,7 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
         profile_images=args.profile_images if args.clamp == "profile" else None, engine=args.engine,
         batch_size=args.batch_size, chunk_size=args.chunk_size, device=device.type,
     )
-    if _already_complete(out, config):
+    if _already_complete(out, config, sampling):
         print(f"{out}: campaign already complete; nothing to do", flush=True)
         return 0
 
@@ -311,7 +325,8 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
           f"{len(ids)} images, accuracy {100 * golden.accuracy:.2f}%, golden set "
           f"{len(golden.golden_set(args.golden))}; {len(layers)} conv/linear layers; device {device}, "
           f"format {args.format}, engine {args.engine}, shard {shard[0]}/{shard[1]}", flush=True)
-    cdir, stats = execute(
+    run = execute if sampling is None else partial(execute_stratified, adaptive=sampling[0], grouping=sampling[1])
+    cdir, stats = run(
         out, config, model, layers, golden, evaluated, provenance=provenance, clamp_max=clamp_max, device=device,
         shard=shard, progress=not args.no_progress,
     )
@@ -322,22 +337,25 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "faults": stats.faults, "skipped": stats.skipped, "injection_seconds": round(stats.seconds, 3),
         "setup_seconds": round(t_setup, 3), "wall_seconds": round(wall, 3), "faults_per_second": rate,
         "device": str(device), "threads": torch.get_num_threads(),
+        "layer_seconds": {name: round(seconds, 3) for name, seconds in stats.per_layer.items()},
     })
     print(f"ran {stats.faults} faults ({stats.skipped} already done) in {stats.seconds:.1f} s: {rate:.1f} faults/s; "
           f"wall {wall:.1f} s", flush=True)
     missing = cdir.missing()
     if missing:
-        print(f"{len(missing)} chunks left to other shards; the last shard to finish writes the final files "
-              f"(or run: python inject.py merge {out})", flush=True)
+        print(f"{len(missing)} {'chunks' if sampling is None else 'layers'} left to other shards; the last shard to "
+              f"finish writes the final files (or run: python inject.py merge {out})", flush=True)
         return 0
-    summary = assemble(cdir)
+    summary = assemble(cdir) if sampling is None else assemble_stratified(out)
     net = summary["network"]
     print(f"network ΔLoss {net['delta_loss']:.4g}, mismatch {100 * net['mismatch_rate']:.2f}%, "
           f"{net['non_finite']} non-finite of {net['faults']} faults; outputs in {out}", flush=True)
     return 0
 
 
-def _already_complete(out: Path, config: CampaignConfig) -> bool:
+def _already_complete(out: Path, config: CampaignConfig, sampling: tuple[AdaptiveConfig, str] | None) -> bool:
+    if sampling is not None:
+        return stratified_complete(out, config, *sampling)
     if not (out / "summary.json").is_file():
         return False
     with contextlib.suppress(CampaignError, TypeError, ValueError, KeyError):
@@ -366,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "merge":
             margs = get_merge_parser().parse_args(argv[1:])
-            summary = merge([Path(d) for d in margs.dirs], Path(margs.out or margs.dirs[0]))
+            gather = merge_stratified if is_stratified(Path(margs.dirs[0])) else merge
+            summary = gather([Path(d) for d in margs.dirs], Path(margs.out or margs.dirs[0]))
             print(f"merged {len(margs.dirs)} folder(s): network ΔLoss {summary['network']['delta_loss']:.4g}", flush=True)
             return 0
         return campaign(get_args_parser().parse_args(argv), argv)

@@ -477,6 +477,34 @@ def build_record(
     }
 
 
+def prepare_engine(
+    config: CampaignConfig,
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    golden: Golden,
+    clamp_max: dict[str, float] | None,
+    device: torch.device | str,
+) -> tuple[list[LayerPlan], dict[str, float] | None, Engine]:
+    """Check the inputs of a campaign, plan its layers and build its engine: (plans, clamp, engine).
+
+    Shared by the uniform runner and the stratified one (``resilience.stratified_campaign``).
+    """
+    fmt: NumberFormat = get_format(config.format)
+    golden_set = golden.golden_set(config.golden)
+    if len(golden_set) == 0:
+        raise CampaignError("the golden set is empty (no correctly classified image with Top2Diff > 0)")
+    if config.clamp == "profile" and clamp_max is None:
+        raise CampaignError("--clamp profile needs the layer profile")
+    if torch.device(device).type != config.device:
+        raise CampaignError(f"the config says device {config.device} but the model runs on {device}")
+    plans = plan_layers(config, layers, len(golden_set))
+    clamp = {p.name: clamp_max[p.name] for p in plans} if config.clamp == "profile" and clamp_max else None
+    engine = get_engine(config.engine)(
+        model, [p.info() for p in plans], fmt, clamp=clamp, device=device, batch_size=config.batch_size
+    )
+    return plans, clamp, engine
+
+
 def execute(
     out: Path,
     config: CampaignConfig,
@@ -499,19 +527,7 @@ def execute(
     ``layers`` are all its discovered layers; ``golden`` holds its fault-free outputs; ``clamp_max`` is
     the layer profile (``clamp=profile`` only).
     """
-    fmt: NumberFormat = get_format(config.format)
-    golden_set = golden.golden_set(config.golden)
-    if len(golden_set) == 0:
-        raise CampaignError("the golden set is empty (no correctly classified image with Top2Diff > 0)")
-    if config.clamp == "profile" and clamp_max is None:
-        raise CampaignError("--clamp profile needs the layer profile")
-    if torch.device(device).type != config.device:
-        raise CampaignError(f"the config says device {config.device} but the model runs on {device}")
-    plans = plan_layers(config, layers, len(golden_set))
-    clamp = {p.name: clamp_max[p.name] for p in plans} if config.clamp == "profile" and clamp_max else None
-    engine = get_engine(config.engine)(
-        model, [p.info() for p in plans], fmt, clamp=clamp, device=device, batch_size=config.batch_size
-    )
+    plans, clamp, engine = prepare_engine(config, model, layers, golden, clamp_max, device)
     provenance = {**(provenance or {}), "engine": engine.describe()}
     cdir = CampaignDir.create(out, build_record(config, plans, golden, clamp, provenance))
     if config.injections is None:

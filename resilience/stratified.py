@@ -23,6 +23,7 @@ import torch
 
 from resilience.bitflip import NumberFormat
 from resilience.engines.base import FaultSites
+from resilience.metrics import LayerStats, summarize
 from resilience.sampling import sample_sites, z_value
 
 GROUPINGS = ("bit", "field")
@@ -278,6 +279,8 @@ class AdaptiveConfig:
     growth: float = 2.0  # ... and at most multiplies them by this
 
     def __post_init__(self) -> None:
+        if self.max_injections < 1:
+            raise ValueError("max_injections must be at least 1")
         if self.pilot < 2:
             raise ValueError("pilot must be at least 2 draws per stratum (variance needs two)")
         if not 0 <= self.defensive < 1:
@@ -288,6 +291,13 @@ class AdaptiveConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive")
+
+    def check_budget(self, strata: int) -> None:
+        """Raise ValueError when the pilot of ``strata`` strata alone exceeds ``max_injections``."""
+        if self.pilot * strata > self.max_injections:
+            raise ValueError(
+                f"max_injections {self.max_injections} is below the pilot ({self.pilot} x {strata} strata)"
+            )
 
     def target_met(self, estimate: Estimate) -> bool:
         """Whether ``estimate``'s half-width satisfies any of the targets."""
@@ -379,7 +389,8 @@ def _round_sites(
     return labels, sites
 
 
-def _same_sites(a: FaultSites, b: FaultSites) -> bool:
+def same_sites(a: FaultSites, b: FaultSites) -> bool:
+    """Whether two site lists hold the same faults in the same order."""
     return all(torch.equal(x, y) for x, y in ((a.image, b.image), (a.index, b.index), (a.bit, b.bit)))
 
 
@@ -400,17 +411,14 @@ def run_adaptive(
     the same point. ``on_round(round, injections, estimate)`` is called after each round.
     """
     start = time.perf_counter()
+    config.check_budget(len(strata))
     counts = np.full(len(strata), config.pilot, dtype=np.int64)
-    if counts.sum() > config.max_injections:
-        raise ValueError(
-            f"max_injections {config.max_injections} is below the pilot ({config.pilot} x {len(strata)} strata)"
-        )
     collected: list[list[Outcomes]] = [[] for _ in strata]
     round_index, new = 0, counts
     while True:
         labels, sites = _round_sites(strata, new, round_index, draw, layer)
         record = store.load(round_index) if store is not None else None
-        if record is not None and not (_same_sites(record.sites, sites) and np.array_equal(record.stratum, labels)):
+        if record is not None and not (same_sites(record.sites, sites) and np.array_equal(record.stratum, labels)):
             raise ValueError(f"stored round {round_index} of {layer} does not match the arguments of this run")
         if record is None:
             record = RoundRecord(round_index, labels, sites, evaluate(sites))
@@ -484,3 +492,44 @@ def _next_total(
     floor = max(spent + config.min_round, spent * (1 + config.min_increase))
     bounded = min(max(need, floor), spent * config.growth)
     return int(min(math.ceil(bounded), config.max_injections))
+
+
+# ----------------------------------------------------------------------------------------- uniform reference
+
+
+@dataclass(frozen=True)
+class UniformStop:
+    """Where a uniform campaign checking its CI every ``step`` faults would have stopped."""
+
+    n: int  # faults run: the stopping point, or all of them when the target was not reached
+    stats: LayerStats  # the uniform campaign's figures over those faults
+    reached: bool
+    needed_n: float  # n when reached, else extrapolated from the observed variance
+
+    @property
+    def half_width(self) -> float:
+        return (self.stats.ci_high - self.stats.ci_low) / 2
+
+
+def uniform_to_target(outcomes: Outcomes, target_rel: float, step: int, confidence: float = 0.99) -> UniformStop:
+    """Stop a uniform campaign's fault list (in list order) at the first multiple of ``step`` where the CI
+    half-width of its mean ΔLoss is at most ``target_rel`` x the mean.
+
+    A uniform list's first k faults are the list of k faults (``resilience.sampling``), so this is what a
+    uniform campaign run to the target (or to ``len(outcomes)``, the cap) would report. When the target
+    is not reached, the injections it would need are extrapolated as (z·s/h)² finite draws, i.e.
+    (z·s/h)² · n/finite injections.
+    """
+    if step < 1 or len(outcomes) == 0:
+        raise ValueError("need step >= 1 and at least one outcome")
+    for n in [*range(step, len(outcomes), step), len(outcomes)]:
+        head = outcomes.take(np.arange(n))
+        stats = summarize(head.delta_loss, head.finite, head.mismatch, confidence)
+        half = (stats.ci_high - stats.ci_low) / 2
+        if half <= target_rel * abs(stats.mean_delta_loss):
+            return UniformStop(n, stats, True, float(n))
+    finite = stats.n - stats.non_finite
+    if finite < 2:  # no variance to extrapolate from
+        return UniformStop(n, stats, False, math.nan)
+    needed = (z_value(confidence) * stats.std_delta_loss / (target_rel * stats.mean_delta_loss)) ** 2 * n / finite
+    return UniformStop(n, stats, False, float(needed))

@@ -7,7 +7,9 @@ holds:
 * ``campaign.json`` — the uniform runner's record (config, plan with n = the cap, golden facts, clamp,
   provenance) plus the stratified options, under format ``tgr-stratified-campaign/1``;
 * ``parts/LLLL-rRRRR.parquet`` — one file per finished round of a layer (the uniform runner's fault
-  columns plus ``stratum`` and ``round``), written atomically: a rerun loads them and continues;
+  columns plus ``stratum`` and ``round``); while a round runs, its chunks of ``chunk_size`` faults are
+  kept as ``parts/LLLL-rRRRR-cCCCCC.parquet``, so a kill loses at most one chunk. All writes are atomic;
+  a rerun loads what is there and continues;
 * ``layers/LLLL.json`` — the estimate of a finished layer;
 * once every layer is done: ``faults.parquet`` (plus a ``weight`` column: W_b·n/n_b, so the weighted
   mean over finite faults is the stratified estimate), ``layers.csv``, ``layers.md``, ``strata.csv`` and
@@ -18,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from tqdm import tqdm
 from resilience import stratified as st
 from resilience.bitflip import get_format
 from resilience.campaign import (
+    FAULT_MODEL,
     FAULT_SCHEMA,
     CampaignConfig,
     CampaignError,
@@ -43,51 +47,82 @@ from resilience.campaign import (
     Unit,
     build_record,
     chunk_table,
-    layer_sites,
     network_level,
-    plan_layers,
+    prepare_engine,
     shard_units,
 )
-from resilience.engines import get_engine
 from resilience.engines.base import Engine, FaultSites, ImageSource
 from resilience.golden import Golden
 from resilience.layers import LayerInfo
-from resilience.metrics import CONFIDENCE, LayerStats, summarize
-from resilience.sampling import z_value
+from resilience.metrics import CONFIDENCE
 from resilience.storage import read_json, remove_stale_temporaries, write_json, write_parquet, write_text
 
 STRATIFIED_FORMAT = "tgr-stratified-campaign/1"
+SAMPLINGS = ("uniform", "stratified")
 ROUND_SCHEMA = FAULT_SCHEMA.append(pa.field("stratum", pa.string())).append(pa.field("round", pa.int32()))
+# inject.py options that only mean something with --sampling stratified (argparse dest names)
+STRATIFIED_OPTIONS = ("strata", "target_ci", "target_ci_abs", "max_injections", "pilot", "defensive")
 
 
 def add_stratified_args(parser: argparse.ArgumentParser) -> None:
-    """The ``--sampling stratified`` options of ``inject.py``."""
-    group = parser.add_argument_group("stratified sampling (--sampling stratified; see docs/stratified.md)")
+    """``--sampling`` and the options of ``--sampling stratified`` (``inject.py``).
+
+    The stratified options are absent from the namespace unless given (argparse.SUPPRESS), so that giving
+    one with uniform sampling can be refused; ``sampling_from_args`` fills in the defaults shown in the help.
+    """
     default = st.AdaptiveConfig()
-    group.add_argument("--strata", choices=st.GROUPINGS, default="bit",
+    group = parser.add_argument_group("sampling (stratified: see docs/stratified.md)")
+    group.add_argument("--sampling", choices=SAMPLINGS, default="uniform",
+                       help="uniform: the paper's fixed n per layer; stratified: strata of bits, Neyman rounds, "
+                            "adaptive stopping at --target-ci")
+    group.add_argument("--strata", choices=st.GROUPINGS, default=argparse.SUPPRESS,
                        help="one stratum per bit, or sign/exponent/high/low mantissa (default: bit)")
-    group.add_argument("--target-ci", type=float, default=default.target_rel, metavar="REL",
+    group.add_argument("--target-ci", type=float, default=argparse.SUPPRESS, metavar="REL",
                        help="stop a layer once the 99%% CI half-width of its mean ΔLoss is at most REL x the mean "
-                            f"(default {default.target_rel})")
-    group.add_argument("--target-ci-abs", type=float, default=None, metavar="ABS",
-                       help="... or at most ABS (either target suffices)")
-    group.add_argument("--max-injections", type=int, default=default.max_injections, metavar="N",
+                            f"(default {default.target_rel} unless only --target-ci-abs is given)")
+    group.add_argument("--target-ci-abs", type=float, default=argparse.SUPPRESS, metavar="ABS",
+                       help="stop a layer once that half-width is at most ABS (with --target-ci: either suffices)")
+    group.add_argument("--max-injections", type=int, default=argparse.SUPPRESS, metavar="N",
                        help=f"cap per layer (default {default.max_injections}, the paper's budget)")
-    group.add_argument("--pilot", type=int, default=default.pilot, metavar="N",
+    group.add_argument("--pilot", type=int, default=argparse.SUPPRESS, metavar="N",
                        help=f"draws per stratum in the first round, the minimum of every stratum (default {default.pilot})")
-    group.add_argument("--defensive", type=float, default=default.defensive, metavar="A",
+    group.add_argument("--defensive", type=float, default=argparse.SUPPRESS, metavar="A",
                        help=f"share of each round spread proportionally over all strata (default {default.defensive})")
 
 
-def adaptive_from_args(args: argparse.Namespace) -> st.AdaptiveConfig:
-    """The adaptive configuration the ``add_stratified_args`` options describe."""
+def sampling_from_args(args: argparse.Namespace) -> tuple[st.AdaptiveConfig, str] | None:
+    """(adaptive configuration, strata grouping) of ``--sampling stratified``; None for uniform sampling.
+
+    Raises one CampaignError naming the options when they do not fit the sampling chosen.
+    """
+    options = {name: getattr(args, name) for name in STRATIFIED_OPTIONS if getattr(args, name, None) is not None}
+    given = [f"--{name.replace('_', '-')}" for name in options]
+    if args.sampling == "uniform":
+        if given:
+            raise CampaignError(f"{', '.join(given)}: --sampling stratified only (the default is uniform)")
+        return None
+    uniform_only = [f"--{name}" for name in ("injections", "margin") if getattr(args, name) is not None]
+    if uniform_only:
+        raise CampaignError(f"{', '.join(uniform_only)}: uniform sampling only; with --sampling stratified give "
+                            "--target-ci/--target-ci-abs and the cap --max-injections")
+    default = st.AdaptiveConfig()
+    # --target-ci-abs alone means the absolute target only; no target at all means the default relative one
+    targets = {"target_rel": options.get("target_ci"), "target_abs": options.get("target_ci_abs")}
+    if targets == {"target_rel": None, "target_abs": None}:
+        targets["target_rel"] = default.target_rel
+    grouping = options.get("strata", "bit")
     try:
-        return st.AdaptiveConfig(
-            target_rel=args.target_ci, target_abs=args.target_ci_abs, max_injections=args.max_injections,
-            pilot=args.pilot, defensive=args.defensive, confidence=CONFIDENCE,
+        adaptive = replace(
+            default, **targets, confidence=CONFIDENCE,
+            **{name: options[name] for name in ("max_injections", "pilot", "defensive") if name in options},
         )
-    except ValueError as exc:
-        raise CampaignError(str(exc)) from None
+        adaptive.check_budget(len(st.make_strata(get_format(args.format), grouping)))
+    except ValueError as exc:  # name the options, not the fields, in the message
+        option = {"target_rel": "--target-ci", "target_abs": "--target-ci-abs", "max_injections": "--max-injections",
+                  "pilot": "--pilot", "defensive": "--defensive"}
+        message = re.sub(r"\b(" + "|".join(option) + r")\b", lambda m: option[m.group(1)], str(exc))
+        raise CampaignError(message) from None
+    return adaptive, grouping
 
 
 def outcomes_of(table: pa.Table) -> st.Outcomes:
@@ -99,61 +134,85 @@ def outcomes_of(table: pa.Table) -> st.Outcomes:
     )
 
 
+def sites_of(table: pa.Table, layer: str) -> FaultSites:
+    """The fault sites of fault records."""
+    return FaultSites(layer, *(torch.from_numpy(table.column(c).to_numpy().astype(np.int64)) for c in ("image", "index", "bit")))
+
+
 class LayerRounds:
     """The engine-backed evaluator and the round store of one layer of a stratified campaign.
 
-    ``evaluate`` scores a round's sites with the engine into the uniform runner's fault records and
-    keeps them until ``save`` writes them, with their strata, as the round's Parquet part. Faults are
-    numbered consecutively over the layer's rounds, which are always visited in order.
+    ``run_adaptive`` asks ``load(r)`` for round r and, when it is not stored, calls ``evaluate`` with
+    its sites and then ``save``. ``evaluate`` scores the sites chunk by chunk into the uniform runner's
+    fault records, keeping every finished chunk on disk (and reusing the chunks of an interrupted run);
+    ``save`` writes the round, with its strata, as one file. Faults are numbered consecutively over the
+    layer's rounds, which are always visited in order.
     """
 
     def __init__(
         self, out: Path, position: int, plan: LayerPlan, strata: Sequence[st.Stratum],
-        engine: Engine, golden: Golden, source: ImageSource,
+        engine: Engine, golden: Golden, source: ImageSource, chunk_size: int,
+        after_chunk: Callable[[int], None] | None = None,
     ) -> None:
         self.out, self.position, self.plan, self.strata = Path(out), position, plan, list(strata)
-        self.engine, self.golden, self.source = engine, golden, source
+        self.engine, self.golden, self.source, self.chunk_size = engine, golden, source, chunk_size
+        self.after_chunk = after_chunk  # called with the number of faults of each chunk evaluated or read back
+        self._round = 0
         self._offset = 0
         self._pending: pa.Table | None = None
-        self.loaded = 0  # faults read back from finished rounds (not evaluated again)
+        self.loaded = 0  # faults read back from disk (not evaluated again)
 
-    def path(self, round_index: int) -> Path:
-        """Where round ``round_index`` is stored."""
-        return self.out / "parts" / f"{self.position:04d}-r{round_index:04d}.parquet"
+    def path(self, round_index: int, chunk: int | None = None) -> Path:
+        """Where round ``round_index`` (or one chunk of it, while it runs) is stored."""
+        suffix = "" if chunk is None else f"-c{chunk:05d}"
+        return self.out / "parts" / f"{self.position:04d}-r{round_index:04d}{suffix}.parquet"
 
     def evaluate(self, sites: FaultSites) -> st.Outcomes:
-        """Inject ``sites`` and score them as the uniform runner does."""
-        result = self.engine.run(self.plan.info(), sites, self.source)
-        unit = Unit(self.position, 0, self._offset, self._offset + len(sites))
-        self._pending = chunk_table(self.plan, unit, sites, result, self.golden)
+        """Inject ``sites`` (the round last asked for by ``load``) and score them as the uniform runner does."""
+        tables = []
+        for chunk, begin in enumerate(range(0, len(sites), self.chunk_size)):
+            part, path = sites.slice(begin, begin + self.chunk_size), self.path(self._round, chunk)
+            if path.is_file():
+                table = pq.read_table(path, schema=FAULT_SCHEMA)
+                if not st.same_sites(sites_of(table, self.plan.name), part):
+                    raise CampaignError(f"{path} does not match the arguments of this run; use another --out")
+                self.loaded += table.num_rows
+            else:
+                result = self.engine.run(self.plan.info(), part, self.source)
+                start = self._offset + begin
+                table = chunk_table(self.plan, Unit(self.position, chunk, start, start + len(part)), part, result,
+                                    self.golden)
+                write_parquet(path, table)
+            tables.append(table)
+            if self.after_chunk is not None:
+                self.after_chunk(table.num_rows)
+        self._pending = pa.concat_tables(tables)
         return outcomes_of(self._pending)
 
     def save(self, record: st.RoundRecord) -> None:
-        """Write the evaluated round with its stratum names atomically."""
-        if self._pending is None or self._pending.num_rows != len(record.sites):
+        """Write the evaluated round with its stratum names atomically, then drop its chunk files."""
+        if self._pending is None or self._pending.num_rows != len(record.sites) or record.index != self._round:
             raise RuntimeError("save() must follow evaluate() of the same round")
         names = pa.array([self.strata[b].name for b in record.stratum], pa.string())
         rounds = pa.array(np.full(len(record.sites), record.index, dtype=np.int32))
-        table = self._pending.append_column("stratum", names).append_column("round", rounds)
-        write_parquet(self.path(record.index), table)
+        write_parquet(self.path(record.index), self._pending.append_column("stratum", names).append_column("round", rounds))
+        for chunk in range(math.ceil(len(record.sites) / self.chunk_size)):
+            self.path(record.index, chunk).unlink(missing_ok=True)
         self._pending = None
-        self._offset += table.num_rows
+        self._offset += len(record.sites)
 
     def load(self, round_index: int) -> st.RoundRecord | None:
-        """A finished round read back, or None."""
+        """A finished round read back, or None (then ``evaluate`` runs this round)."""
+        self._round = round_index
         path = self.path(round_index)
         if not path.is_file():
             return None
         table = pq.read_table(path, schema=ROUND_SCHEMA)
         index = {s.name: b for b, s in enumerate(self.strata)}
         labels = np.array([index.get(name, -1) for name in table.column("stratum").to_pylist()], dtype=np.int64)
-        sites = FaultSites(
-            self.plan.name,
-            *(torch.from_numpy(table.column(c).to_numpy().astype(np.int64)) for c in ("image", "index", "bit")),
-        )
         self._offset += table.num_rows
         self.loaded += table.num_rows
-        return st.RoundRecord(round_index, labels, sites, outcomes_of(table))
+        return st.RoundRecord(round_index, labels, sites_of(table, self.plan.name), outcomes_of(table))
 
 
 def layer_row(plan: LayerPlan, result: st.StratifiedResult) -> dict[str, Any]:
@@ -184,39 +243,6 @@ def layer_row(plan: LayerPlan, result: st.StratifiedResult) -> dict[str, Any]:
     }
 
 
-def run_stratified_layer(
-    rounds: LayerRounds,
-    seed: int,
-    golden_set: torch.Tensor,
-    fmt_name: str,
-    grouping: str,
-    adaptive: st.AdaptiveConfig,
-    *,
-    progress: bool = True,
-    desc: str = "",
-) -> st.StratifiedResult:
-    """Run (or resume) one layer to its target and write ``layers/LLLL.json``."""
-    fmt = get_format(fmt_name)
-    plan = rounds.plan
-    draw = st.stratum_drawer(seed, plan.name, golden_set, plan.neurons)
-    with tqdm(total=adaptive.max_injections, unit="fault", disable=not progress, desc=desc or plan.name,
-              dynamic_ncols=True, leave=True) as bar:
-
-        def on_round(_round: int, spent: int, estimate: st.Estimate) -> None:
-            bar.update(spent - bar.n)
-            rel = estimate.half_width / abs(estimate.value) if estimate.value else math.nan
-            bar.set_postfix_str(f"ΔLoss {estimate.value:.4g} ±{100 * rel:.1f}%")
-
-        result = st.run_adaptive(
-            plan.name, rounds.strata, st.stratum_weights(rounds.strata, fmt), draw, rounds.evaluate, adaptive,
-            rounds, on_round,
-        )
-    write_json(
-        rounds.out / "layers" / f"{rounds.position:04d}.json",
-        {"row": layer_row(plan, result), "strata": [asdict(s) for s in result.strata]},
-    )
-    return result
-
 
 def open_folder(out: Path, record: dict[str, Any]) -> None:
     """Write ``campaign.json`` or check that the stored one describes the same campaign."""
@@ -228,6 +254,16 @@ def open_folder(out: Path, record: dict[str, Any]) -> None:
     for key in ("format", "config", "stratified", "plan", "golden", "clamp_max"):
         if stored.get(key) != record.get(key):
             raise CampaignError(f"{out} holds a different campaign ({key} differs); use another --out")
+
+
+def stratified_config(config: CampaignConfig, adaptive: st.AdaptiveConfig) -> CampaignConfig:
+    """``config`` as a stratified campaign records it: the plan's n is the cap, no Leveugle margin."""
+    return replace(config, injections=adaptive.max_injections, margin=None, confidence=None)
+
+
+def stratified_record(adaptive: st.AdaptiveConfig, grouping: str) -> dict[str, Any]:
+    """The ``stratified`` entry of campaign.json and summary.json."""
+    return {"grouping": grouping, **asdict(adaptive)}
 
 
 @dataclass
@@ -242,98 +278,86 @@ class StratifiedCampaign:
     engine: Engine
     golden: Golden
     source: ImageSource
+    results: dict[str, st.StratifiedResult] = field(default_factory=dict)  # layers run by this process
 
     def run_layer(self, position: int, *, progress: bool = True, desc: str = "") -> tuple[st.StratifiedResult, int]:
-        """Run (or resume) layer ``position``; returns its result and the faults read back from disk."""
+        """Run (or resume) layer ``position`` to its target and write ``layers/LLLL.json``.
+
+        Returns the result and the number of faults read back from disk instead of being injected.
+        """
         plan = self.plans[position]
-        strata = st.make_strata(get_format(self.config.format), self.grouping)
-        rounds = LayerRounds(self.out, position, plan, strata, self.engine, self.golden, self.source)
-        result = run_stratified_layer(
-            rounds, self.config.seed, self.golden.golden_set(self.config.golden), self.config.format,
-            self.grouping, self.adaptive, progress=progress, desc=desc,
+        fmt = get_format(self.config.format)
+        strata = st.make_strata(fmt, self.grouping)
+        draw = st.stratum_drawer(self.config.seed, plan.name, self.golden.golden_set(self.config.golden), plan.neurons)
+        with tqdm(total=self.adaptive.max_injections, unit="fault", disable=not progress, desc=desc or plan.name,
+                  dynamic_ncols=True, leave=True) as bar:
+
+            def on_round(_round: int, spent: int, estimate: st.Estimate) -> None:
+                bar.update(spent - bar.n)
+                rel = estimate.half_width / abs(estimate.value) if estimate.value else math.nan
+                bar.set_postfix_str(f"ΔLoss {estimate.value:.4g} ±{100 * rel:.1f}%")
+
+            rounds = LayerRounds(self.out, position, plan, strata, self.engine, self.golden, self.source,
+                                 self.config.chunk_size, after_chunk=bar.update)
+            result = st.run_adaptive(plan.name, strata, st.stratum_weights(strata, fmt), draw, rounds.evaluate,
+                                     self.adaptive, rounds, on_round)
+        write_json(
+            self.out / "layers" / f"{position:04d}.json",
+            {"row": layer_row(plan, result), "strata": [asdict(s) for s in result.strata]},
         )
+        self.results[plan.name] = result
         return result, rounds.loaded
 
+    def run(self, shard: tuple[int, int] = (0, 1), *, progress: bool = True) -> RunStats:
+        """Run (or resume) this shard's layers: shards take whole layers, whose rounds are sequential."""
+        mine = shard_units([Unit(i, 0, 0, p.n) for i, p in enumerate(self.plans)], shard)
+        stats = RunStats()
+        t0 = time.perf_counter()
+        for k, unit in enumerate(mine, 1):
+            name = self.plans[unit.layer].name
+            result, loaded = self.run_layer(unit.layer, progress=progress, desc=f"[{k}/{len(mine)}] {name}")
+            stats.faults += result.n - loaded
+            stats.skipped += loaded
+            stats.per_layer[name] = result.seconds
+        stats.seconds = time.perf_counter() - t0
+        return stats
 
-def open_stratified_campaign(
+    def missing(self) -> list[int]:
+        """Positions of the planned layers that have not finished yet (in any shard)."""
+        return missing_layers(self.out)
+
+
+def execute_stratified(
     out: Path,
     config: CampaignConfig,
-    adaptive: st.AdaptiveConfig,
     model: nn.Module,
     layers: Sequence[LayerInfo],
     golden: Golden,
     source: ImageSource,
     *,
-    grouping: str = "bit",
-    provenance: dict[str, Any] | None = None,
-    clamp_max: dict[str, float] | None = None,
-    device: torch.device | str = "cpu",
-) -> StratifiedCampaign:
-    """Plan a stratified campaign and create (or check) its folder, as ``campaign.execute`` does.
-
-    ``config.injections``/``margin`` are replaced by ``adaptive.max_injections`` (the plan's n is the
-    cap); everything else (model, data, golden set, format, clamp, engine, batch size, seed) means what
-    it means in a uniform campaign.
-    """
-    fmt = get_format(config.format)
-    st.make_strata(fmt, grouping)  # reject an unknown grouping before any work
-    golden_set = golden.golden_set(config.golden)
-    if len(golden_set) == 0:
-        raise CampaignError("the golden set is empty (no correctly classified image with Top2Diff > 0)")
-    if config.clamp == "profile" and clamp_max is None:
-        raise CampaignError("--clamp profile needs the layer profile")
-    if torch.device(device).type != config.device:
-        raise CampaignError(f"the config says device {config.device} but the model runs on {device}")
-    config = replace(config, injections=adaptive.max_injections, margin=None, confidence=None)
-    plans = plan_layers(config, layers, len(golden_set))
-    clamp = {p.name: clamp_max[p.name] for p in plans} if config.clamp == "profile" and clamp_max else None
-    engine = get_engine(config.engine)(
-        model, [p.info() for p in plans], fmt, clamp=clamp, device=device, batch_size=config.batch_size
-    )
-    record = build_record(config, plans, golden, clamp, {**(provenance or {}), "engine": engine.describe()})
-    record |= {"format": STRATIFIED_FORMAT, "stratified": {"grouping": grouping, **asdict(adaptive)}}
-    open_folder(out, record)
-    return StratifiedCampaign(Path(out), config, adaptive, grouping, plans, engine, golden, source)
-
-
-def run_stratified_campaign(
-    out: Path,
-    config: CampaignConfig,
     adaptive: st.AdaptiveConfig,
-    model: nn.Module,
-    layers: Sequence[LayerInfo],
-    golden: Golden,
-    source: ImageSource,
-    *,
     grouping: str = "bit",
     provenance: dict[str, Any] | None = None,
     clamp_max: dict[str, float] | None = None,
     device: torch.device | str = "cpu",
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
-) -> tuple[dict[str, st.StratifiedResult], RunStats]:
-    """The stratified counterpart of ``campaign.execute``: run (or resume) this shard's layers.
+) -> tuple[StratifiedCampaign, RunStats]:
+    """The stratified counterpart of ``campaign.execute``: plan, create (or check) the folder, run this
+    shard's layers; the caller assembles (``assemble_stratified``) once ``missing()`` is empty.
 
-    Shards take whole layers (a layer's rounds are sequential); run ``assemble_stratified`` once
-    ``missing_layers`` is empty.
+    ``config.injections``/``margin`` are replaced by ``adaptive.max_injections`` (the plan's n is the
+    cap); everything else (model, data, golden set, format, clamp, engine, batch and chunk size, seed)
+    means what it means in a uniform campaign.
     """
-    campaign = open_stratified_campaign(
-        out, config, adaptive, model, layers, golden, source,
-        grouping=grouping, provenance=provenance, clamp_max=clamp_max, device=device,
-    )
-    mine = shard_units([Unit(i, 0, 0, p.n) for i, p in enumerate(campaign.plans)], shard)
-    results: dict[str, st.StratifiedResult] = {}
-    stats = RunStats()
-    t0 = time.perf_counter()
-    for k, unit in enumerate(mine, 1):
-        name = campaign.plans[unit.layer].name
-        result, loaded = campaign.run_layer(unit.layer, progress=progress, desc=f"[{k}/{len(mine)}] {name}")
-        results[name] = result
-        stats.faults += result.n - loaded
-        stats.skipped += loaded
-        stats.per_layer[name] = result.seconds
-    stats.seconds = time.perf_counter() - t0
-    return results, stats
+    st.make_strata(get_format(config.format), grouping)  # reject an unknown grouping before any work
+    config = stratified_config(config, adaptive)
+    plans, clamp, engine = prepare_engine(config, model, layers, golden, clamp_max, device)
+    record = build_record(config, plans, golden, clamp, {**(provenance or {}), "engine": engine.describe()})
+    record |= {"format": STRATIFIED_FORMAT, "stratified": stratified_record(adaptive, grouping)}
+    open_folder(out, record)
+    campaign = StratifiedCampaign(Path(out), config, adaptive, grouping, plans, engine, golden, source)
+    return campaign, campaign.run(shard, progress=progress)
 
 
 def missing_layers(out: Path) -> list[int]:
@@ -371,13 +395,13 @@ def stratified_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any],
     lines = [
         f"# {title}",
         "",
-        f"| # | layer | kind | neurons | n | rounds | mean ΔLoss | {pct}% CI | ± % | mismatch % | {pct}% CI "
+        f"| # | layer | kind | neurons | n | rounds | stop | mean ΔLoss | {pct}% CI | ± % | mismatch % | {pct}% CI "
         "| non-finite | uniform n for this CI | saving |",
-        "|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---:|",
+        "|---:|---|---|---:|---:|---:|---|---:|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['order']} | `{r['layer']}` | {r['kind']} | {r['neurons']} | {r['n']} | {r['rounds']} "
+            f"| {r['order']} | `{r['layer']}` | {r['kind']} | {r['neurons']} | {r['n']} | {r['rounds']} | {r['stop_reason']} "
             f"| {g(r['mean_delta_loss'])} | [{g(r['ci_low'])}, {g(r['ci_high'])}] | {g(100 * r['ci_rel_half_width'], '.1f')} "
             f"| {g(100 * r['mismatch_rate'], '.2f')} | [{g(100 * r['mismatch_ci_low'], '.2f')}, "
             f"{g(100 * r['mismatch_ci_high'], '.2f')}] | {r['non_finite']} | {g(r['uniform_equivalent_n'], '.0f')} "
@@ -388,7 +412,7 @@ def stratified_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any],
         f"Network level (mean over {network['layers']} layers): ΔLoss {g(network['delta_loss'])}, "
         f"mismatch {g(100 * network['mismatch_rate'], '.2f')}%; {network['faults']} injections where a uniform "
         f"campaign needs {g(network['uniform_equivalent_n'], '.0f')} for the same intervals "
-        f"(saving {g(network['saving_factor'], '.1f')}x).",
+        f"(saving {g(network['saving_factor'], '.1f')}x). Per-stratum figures: strata.csv.",
         "",
     ]
     return "\n".join(lines)
@@ -414,7 +438,7 @@ def assemble_stratified(out: Path) -> dict[str, Any]:
         **record["provenance"],
         "config": record["config"],
         "stratified": record["stratified"],
-        "fault_model": "neuron-bitflip-transient",
+        "fault_model": FAULT_MODEL,
         "n_per_layer": {r["layer"]: r["n"] for r in rows},
         "golden": record["golden"],
         "confidence": CONFIDENCE,
@@ -427,6 +451,8 @@ def assemble_stratified(out: Path) -> dict[str, Any]:
     title = f"ΔLoss per layer (stratified) — {record['config']['model']} on {record['config']['dataset']}"
     write_text(out / "layers.md", stratified_markdown(rows, network, title))
     write_json(out / "summary.json", summary)
+    for leftover in (out / "parts").glob("*-c*.parquet"):  # chunks of a round whose file was written before a kill
+        leftover.unlink()
     remove_stale_temporaries(out / "parts")
     return summary
 
@@ -437,66 +463,30 @@ def is_stratified(folder: Path) -> bool:
     return path.is_file() and read_json(path).get("format") == STRATIFIED_FORMAT
 
 
+def stratified_complete(out: Path, config: CampaignConfig, adaptive: st.AdaptiveConfig, grouping: str) -> bool:
+    """Whether ``out`` holds this stratified campaign, finished and assembled (a rerun has nothing to do)."""
+    if not ((Path(out) / "summary.json").is_file() and is_stratified(out)):
+        return False
+    record = read_json(Path(out) / "campaign.json")
+    return (
+        record["config"] == asdict(stratified_config(config, adaptive))
+        and record["stratified"] == stratified_record(adaptive, grouping)
+        and not missing_layers(out)
+    )
+
+
 def merge_stratified(sources: Sequence[Path], out: Path) -> dict[str, Any]:
     """Gather the layers of shards run into separate folders into ``out`` and assemble the final files."""
     records = [read_json(Path(src) / "campaign.json") for src in sources]
-    open_folder(out, records[0])
     for src, record in zip(sources, records, strict=True):
-        open_folder(out, record)  # raises when a shard belongs to another campaign
+        open_folder(out, record)  # creates out from the first; raises when a shard belongs to another campaign
         for position in range(len(record["plan"])):
             done = Path(src) / "layers" / f"{position:04d}.json"
             if not done.is_file() or (Path(out) / "layers" / done.name).is_file() or Path(src) == Path(out):
                 continue
-            rounds = read_json(done)["row"]["rounds"]
-            for r in range(rounds):
+            for r in range(read_json(done)["row"]["rounds"]):
                 name = f"{position:04d}-r{r:04d}.parquet"
                 (Path(out) / "parts").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(src) / "parts" / name, Path(out) / "parts" / name)
             write_json(Path(out) / "layers" / done.name, read_json(done))
     return assemble_stratified(out)
-
-
-@dataclass(frozen=True)
-class UniformToTarget:
-    """A uniform campaign of one layer run in chunks until its CI reaches the target or the cap."""
-
-    layer: str
-    n: int
-    stats: LayerStats
-    reached: bool
-    needed_n: float  # n when reached, else extrapolated from the observed variance: (z s / h)² · n / finite
-    seconds: float
-
-    @property
-    def half_width(self) -> float:
-        return (self.stats.ci_high - self.stats.ci_low) / 2
-
-
-def run_uniform_to_target(
-    engine: Engine,
-    config: CampaignConfig,
-    plan: LayerPlan,
-    golden: Golden,
-    source: ImageSource,
-    target_rel: float,
-    cap: int,
-) -> UniformToTarget:
-    """The uniform campaign's faults of ``plan`` (its first ``cap``), chunk by chunk, until the relative
-    half-width of the CI of the mean ΔLoss is at most ``target_rel``."""
-    start = time.perf_counter()
-    plan = LayerPlan(plan.name, plan.kind, plan.out_shape, plan.order, cap)
-    sites = layer_sites(config, plan, golden.golden_set(config.golden))
-    tables: list[pa.Table] = []
-    for begin in range(0, cap, config.chunk_size):
-        chunk = sites.slice(begin, begin + config.chunk_size)
-        result = engine.run(plan.info(), chunk, source)
-        tables.append(chunk_table(plan, Unit(plan.order, 0, begin, begin + len(chunk)), chunk, result, golden))
-        outcomes = outcomes_of(pa.concat_tables(tables))
-        stats = summarize(outcomes.delta_loss, outcomes.finite, outcomes.mismatch, CONFIDENCE)
-        half = (stats.ci_high - stats.ci_low) / 2
-        if half <= target_rel * abs(stats.mean_delta_loss):
-            break
-    n, finite = stats.n, stats.n - stats.non_finite
-    reached = half <= target_rel * abs(stats.mean_delta_loss)
-    needed = n if reached else (z_value(CONFIDENCE) * stats.std_delta_loss / (target_rel * stats.mean_delta_loss)) ** 2 * n / finite
-    return UniformToTarget(plan.name, n, stats, reached, float(needed), time.perf_counter() - start)
