@@ -166,6 +166,22 @@ def test_dropping_is_exact() -> None:
     assert not torch.equal(b.faulty_logits[3], golden[1])  # a tiny change is still computed
 
 
+def test_strided_conv_that_reads_none_of_the_window() -> None:
+    """A 1x1 stride-2 conv skips odd pixels: a flip there changes nothing after it (ResNet-50's downsample)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 1, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).eval()
+    x = torch.rand(2, 1, 6, 6) + 1.0
+    layer = discover_layers(model, x[:1])[0]
+    reference = ReferenceEngine(model, [layer], FORMATS["fp32"], batch_size=8)
+    fast = FastEngine(model, [layer], FORMATS["fp32"], batch_size=8)
+    odd = torch.tensor([1 * 6 + 1, 36 + 3 * 6 + 5, 72 + 5 * 6 + 3])  # (channel, odd row, odd column)
+    sites = FaultSites("0", torch.tensor([0, 1, 1]), odd, torch.tensor([30, 31, 22]))
+    a, b = reference.run(layer, sites, Images(x)), fast.run(layer, sites, Images(x))
+    assert fast.path("0") == "windowed"
+    assert_agree(model, x, a, b, sites)
+
+
 @pytest.mark.parametrize("fmt", ["fp16", "bf16"])
 def test_half_formats(fmt: str) -> None:
     compare(small_vgg(), torch.randn(3, 3, 12, 12), n=12, fmt=fmt)
