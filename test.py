@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from models.device import DeviceUnavailable, resolve_device
+from models.device import DeviceUnavailable, default_workers, resolve_device
 from training.distributed import destroy_distributed, init_distributed_mode, is_main_process
 from training.engine import evaluate
 from training.samplers import ShardSampler
@@ -59,7 +59,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = parser.add_argument_group("evaluation")
     g.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
     g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
-    g.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=4)
+    g.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=default_workers(),
+                   help="data-loading processes (default: up to 4, at most the CPU cores)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--amp", action="store_true", help="mixed precision inference")
     g.add_argument("--subset", type=int, default=None, metavar="K", help="evaluate K randomly chosen images")

@@ -25,7 +25,7 @@ import torch
 import torch.utils.data
 from torch import nn
 
-from models.device import DeviceUnavailable, resolve_device
+from models.device import DeviceUnavailable, default_workers, resolve_device
 from training import config as cfg
 from training.distributed import barrier, destroy_distributed, init_distributed_mode, is_main_process
 from training.ema import ModelEMA, ema_decay
@@ -70,7 +70,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="train on K randomly chosen training images (quick runs)")
     g.add_argument("--test-subset", type=int, default=None, metavar="K",
                    help="evaluate on K randomly chosen test images (quick runs)")
-    g.add_argument("-j", "--workers", type=int, default=4, help="data loading processes per GPU/process")
+    g.add_argument("-j", "--workers", type=int, default=default_workers(),
+                   help="data-loading processes per GPU/process (default: up to 4, at most the CPU cores)")
     g.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's preset)")
     g.add_argument("--train-crop-size", type=int, default=None, help="random crop size for training")
     g.add_argument("--val-resize-size", type=int, default=None, help="resize size for evaluation")

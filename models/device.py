@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -19,3 +21,9 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
         if name == "cuda" and local_rank is not None:
             name = f"cuda:{local_rank}"
     return torch.device(name)
+
+
+def default_workers(cap: int = 4) -> int:
+    """Data-loading processes: ``cap``, or fewer on a machine with fewer usable CPU cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cores))
