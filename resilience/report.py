@@ -3,7 +3,8 @@
 Improvement = baseline ΔLoss / text-guided ΔLoss (> 1: the text-guided model is more resilient).
 Last layer: the baseline's classifier layer against the text head's two layers (B→E and E→C) averaged
 with their output-neuron counts as weights, or against the fused B→C layer of a third campaign run
-with ``inject.py --fuse-text-head``. Overall: ratio of the network-level ΔLoss (mean of layer ΔLoss).
+with ``inject.py --fuse-text-head``. Overall: ratio of the network-level ΔLoss (mean of layer ΔLoss). Both ratios get a 99% bootstrap interval
+when the campaigns kept their per-fault records (:mod:`resilience.improvement_ci`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from resilience.figures import pyplot, save_png
+from resilience.improvement_ci import DEFAULT_CONFIDENCE, has_fault_records, improvement_intervals
 from resilience.storage import read_json, write_text
 
 TEXT_PREFIX = "backbone."  # the text model's backbone layers are the baseline's layers under this prefix
@@ -107,6 +109,10 @@ def table1_row(base: CampaignResult, text: CampaignResult, fused: CampaignResult
     if fused is not None:
         fused_last = fused.layer(fused.summary["last_layers"][0])["mean_delta_loss"]
     base_top2, text_top2 = base.summary["golden"]["mean_top2diff"], text.summary["golden"]["mean_top2diff"]
+    intervals = {"last_layer": (math.nan, math.nan), "overall": (math.nan, math.nan)}
+    if has_fault_records(base.path, base.summary) and has_fault_records(text.path, text.summary):
+        text_last_layers = [(name, text.layer(name)["neurons"]) for name in text.summary["last_layers"]]
+        intervals = improvement_intervals(base.path, text.path, base.summary["last_layers"][0], text_last_layers)
     return {
         "model": base.summary["model"],
         "dataset": base.summary["dataset"],
@@ -118,11 +124,15 @@ def table1_row(base: CampaignResult, text: CampaignResult, fused: CampaignResult
         "baseline_last_layer_delta_loss": base_last,
         "text_last_layer_delta_loss": text_last,
         "last_layer_improvement": _ratio(base_last, text_last),
+        "last_layer_improvement_ci_low": intervals["last_layer"][0],
+        "last_layer_improvement_ci_high": intervals["last_layer"][1],
         "fused_last_layer_delta_loss": fused_last,
         "fused_last_layer_improvement": _ratio(base_last, fused_last),
         "baseline_delta_loss": base.delta_loss(),
         "text_delta_loss": text.delta_loss(),
         "overall_improvement": _ratio(base.delta_loss(), text.delta_loss()),
+        "overall_improvement_ci_low": intervals["overall"][0],
+        "overall_improvement_ci_high": intervals["overall"][1],
         "baseline_top2diff": base_top2,
         "text_top2diff": text_top2,
         "top2diff_difference": text_top2 - base_top2,
@@ -170,6 +180,12 @@ def table1_markdown(row: dict[str, Any]) -> str:
         f"{_cell(row['fused_last_layer_delta_loss'], '.4g')} (fused); network "
         f"{_cell(row['baseline_delta_loss'], '.4g')} vs {_cell(row['text_delta_loss'], '.4g')}. "
         "Improvement = baseline / text-guided. Top2Diff: mean over each golden set.",
+        "",
+        f"{100 * DEFAULT_CONFIDENCE:g}% bootstrap interval of the improvement (faults resampled within each layer): "
+        f"last layer [{_cell(row['last_layer_improvement_ci_low'], '.3g')}, "
+        f"{_cell(row['last_layer_improvement_ci_high'], '.3g')}], overall "
+        f"[{_cell(row['overall_improvement_ci_low'], '.3g')}, {_cell(row['overall_improvement_ci_high'], '.3g')}]"
+        + ("" if math.isfinite(row["overall_improvement_ci_low"]) else " (needs both campaigns' faults.parquet)") + ".",
         "",
     ])
 

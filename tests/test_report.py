@@ -110,3 +110,61 @@ def test_collect_gathers_rows_of_several_models(campaigns: tuple[Path, Path, Pat
     assert [float(r["overall_improvement"]) for r in rows] == [first["overall_improvement"], second["overall_improvement"]]
     assert "Last layer ×" in capsys.readouterr().out
     assert report_cli.main(["collect", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x")]) == 2
+
+
+def write_fault_records(folder: Path, samples: dict[str, list[float]]) -> None:
+    """faults.parquet with the given per-layer ΔLoss values (NaN = a non-finite fault)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = [name for name, values in samples.items() for _ in values]
+    values = [v for vs in samples.values() for v in vs]
+    finite = [math.isfinite(v) for v in values]
+    pq.write_table(pa.table({"layer": names, "delta_loss": [v if math.isfinite(v) else math.inf for v in values],
+                             "finite": finite}), folder / "faults.parquet")
+
+
+def test_bootstrap_intervals_of_the_improvement(campaigns: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import numpy as np
+
+    from resilience.improvement_ci import improvement_intervals
+
+    base, text, _ = campaigns
+    rng = np.random.default_rng(1)
+    # Baseline ΔLoss four times the text model's in every layer; the head also has non-finite faults.
+    base_samples = {name: list(4 * rng.exponential(1.0, 400)) for name in ("conv1", "layer1.0.conv1", "linear")}
+    text_samples = {f"backbone.{name}": list(rng.exponential(1.0, 400)) for name in ("conv1", "layer1.0.conv1", "linear")}
+    text_samples["head"] = [*rng.exponential(1.0, 380), *[math.nan] * 20]
+    write_fault_records(base, base_samples)
+    write_fault_records(text, text_samples)
+    row = compare(base, text, tmp_path / "out")
+    for key in ("last_layer", "overall"):
+        low, high = row[f"{key}_improvement_ci_low"], row[f"{key}_improvement_ci_high"]
+        assert 2.5 < low < 4.0 < high < 6.5  # covers the true ratio, and is not absurdly wide
+    assert "99% bootstrap interval" in (tmp_path / "out" / "table1.md").read_text()
+    last = [("backbone.linear", 30), ("head", 10)]
+    again = improvement_intervals(base, text, "linear", last)
+    assert again == improvement_intervals(base, text, "linear", last)  # seeded
+    wider = improvement_intervals(base, text, "linear", last, confidence=0.999)
+    assert wider["overall"][0] <= again["overall"][0] and wider["overall"][1] >= again["overall"][1]
+
+
+def test_constant_faults_give_a_point_interval(campaigns: tuple[Path, Path, Path]) -> None:
+    from resilience.improvement_ci import improvement_intervals
+
+    base, text, _ = campaigns
+    write_fault_records(base, {"conv1": [2.0] * 5, "layer1.0.conv1": [4.0] * 5, "linear": [6.0] * 5})
+    write_fault_records(text, {"backbone.conv1": [1.0] * 5, "backbone.layer1.0.conv1": [2.0] * 5,
+                               "backbone.linear": [1.0] * 5, "head": [3.0, 3.0, math.nan, 3.0]})
+    got = improvement_intervals(base, text, "linear", [("backbone.linear", 30), ("head", 10)])
+    assert got["last_layer"] == pytest.approx((4.0, 4.0))
+    assert got["overall"] == pytest.approx((4.0 / 1.75, 4.0 / 1.75))
+    with pytest.raises(ValueError, match="confidence"):
+        improvement_intervals(base, text, "linear", [("head", 10)], confidence=1.0)
+
+
+def test_no_interval_without_fault_records(campaigns: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, text, _ = campaigns
+    row = compare(base, text, tmp_path / "out")
+    assert math.isnan(row["overall_improvement_ci_low"]) and math.isnan(row["last_layer_improvement_ci_high"])
+    assert "needs both campaigns' faults.parquet" in (tmp_path / "out" / "table1.md").read_text()
