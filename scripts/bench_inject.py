@@ -12,12 +12,19 @@ decision. Exits 1 when fewer than 99.9% of the faults agree. Without --checkpoin
 weights (said in the output); without --dataset the inputs are random images and their labels the
 model's own predictions. The fast engine's one-time setup (tracing, planning, self-checks) and golden
 passes count in its time.
+
+Where the time goes: the "work" column is the ratio of conv/matmul FLOPs per fault (reference over fast,
+counted with torch.utils.flop_counter on the first --flop-faults faults of each layer, after timing):
+the speed-up the fast engine would reach if time followed arithmetic. A ratio well below it means
+overhead (Python, small kernels); a work ratio near the speed ratio means the suffix's arithmetic
+itself is the cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -70,6 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_BYTES >> 20, help="fast engine's golden cache")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--flop-faults", type=int, default=64, metavar="K",
+                   help="faults per layer whose FLOPs are counted for the work column (0: no count)")
     g.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     return parser
 
@@ -121,10 +130,22 @@ def timed(engine: Any, layer: LayerInfo, sites: FaultSites, source: Any) -> tupl
     return result, time.perf_counter() - t0
 
 
+def flops_per_fault(engine: Any, layer: LayerInfo, sites: FaultSites, source: Any, k: int) -> float:
+    """Conv/matmul FLOPs per fault of ``engine`` on the first ``k`` faults of ``sites``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    part = FaultSites(sites.layer, sites.image[:k], sites.index[:k], sites.bit[:k])
+    with FlopCounterMode(display=False) as counter:
+        engine.run(layer, part, source)
+    return counter.get_total_flops() / len(part)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.images < 1 or args.injections < 1 or args.batch_size < 1 or args.cache_mb < 1:
         raise SystemExit("error: --images, --injections, --batch-size and --cache-mb must be at least 1")
+    if args.flop_faults < 0:
+        raise SystemExit("error: --flop-faults must be at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     fmt, device = get_format(args.format), torch.device(args.device)
@@ -160,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     fast = FastEngine(model, layers, fmt, cache_bytes=args.cache_mb << 20, **options)
     setup = time.perf_counter() - t0
-    totals = {"reference": 0.0, "fast": setup}
+    totals = {"reference": 0.0, "fast": setup, "reference_flops": 0.0, "fast_flops": 0.0}
     agree_all, rows = [], []
-    header = f"{'layer':28} {'path':11} {'drop%':>6} {'ref f/s':>9} {'fast f/s':>9} {'ratio':>7} {'agree%':>7}"
+    header = f"{'layer':28} {'path':11} {'drop%':>6} {'ref f/s':>9} {'fast f/s':>9} {'ratio':>7} {'work':>7} {'agree%':>7}"
     print(header + "\n" + "-" * len(header), flush=True)
     for layer in layers:
         sites = sample_sites(args.seed, layer.name, layer.neurons, golden_set, args.injections, fmt.bits)
@@ -180,11 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         agree_all.append(agree)
         n = len(sites)
         dropped = fast.counts[layer.name]["dropped"]
+        work = math.nan
+        if args.flop_faults:
+            ref_flops, fast_flops = (flops_per_fault(e, layer, sites, source, args.flop_faults) for e in (reference, fast))
+            totals["reference_flops"] += ref_flops * n
+            totals["fast_flops"] += fast_flops * n
+            work = ref_flops / fast_flops if fast_flops else math.inf
         row = {"layer": layer.name, "path": fast.path(layer.name), "faults": n, "dropped": dropped,
-               "reference_s": t_ref, "fast_s": t_fast, "agree": int(agree.sum())}
+               "window_ops": fast.counts[layer.name]["window_ops"], "reference_s": t_ref, "fast_s": t_fast,
+               "work_ratio": work, "agree": int(agree.sum())}
         rows.append(row)
         print(f"{layer.name:28} {row['path']:11} {100 * dropped / n:6.1f} {n / t_ref:9.1f} {n / t_fast:9.1f} "
-              f"{t_ref / t_fast:7.1f} {100 * float(agree.double().mean()):7.2f}", flush=True)
+              f"{t_ref / t_fast:7.1f} {work:7.1f} {100 * float(agree.double().mean()):7.2f}", flush=True)
 
     agree = torch.cat(agree_all)
     faults = len(agree)
@@ -194,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total: {faults} faults; reference {totals['reference']:.1f} s = {ref_rate:.2f} faults/s; fast "
           f"{totals['fast']:.1f} s (construction {setup:.1f} s, golden passes over {fast.golden_images} images) = "
           f"{fast_rate:.2f} faults/s; ratio {fast_rate / ref_rate:.2f}x")
+    work = totals["reference_flops"] / totals["fast_flops"] if totals["fast_flops"] else math.nan
+    if args.flop_faults:
+        print(f"work: conv/matmul FLOPs per fault, reference over fast, {work:.2f}x (the ratio if time followed "
+              f"arithmetic; golden passes not counted)")
     print(f"agreement: identical fault sites; {int(agree.sum())}/{faults} faults agree ({100 * rate:.3f}%, "
           f"need {100 * REQUIRED_AGREEMENT:.1f}%)")
     print(f"fast engine: {json.dumps(fast.describe())}")
@@ -201,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "model": name, "layers": rows, "faults": faults, "agreement": rate,
             "reference_faults_per_s": ref_rate, "fast_faults_per_s": fast_rate, "ratio": fast_rate / ref_rate,
+            "work_ratio": work,
             "fast_setup_s": setup, "engine": fast.describe(),
         }, indent=2) + "\n")
     return 0 if rate >= REQUIRED_AGREEMENT else 1

@@ -12,6 +12,7 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer,
 import models
 from resilience.bitflip import FORMATS
 from resilience.engines import ENGINES, EngineError, FaultSites, InjectionResult
+from resilience.engines import fast as fast_engine
 from resilience.engines.fast import FastEngine
 from resilience.engines.reference import ReferenceEngine
 from resilience.layers import LayerInfo, discover_layers, select_layers
@@ -19,6 +20,13 @@ from resilience.metrics import score_faults
 from resilience.profile import profile_max_abs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+DEFAULT_MIN_WINDOW_SAVING = fast_engine.MIN_WINDOW_SAVING
+
+
+@pytest.fixture(autouse=True)
+def windows_on_tiny_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test maps are so small that the default cost rule would run every op on whole maps."""
+    monkeypatch.setattr(fast_engine, "MIN_WINDOW_SAVING", 0)
 
 
 class Images:
@@ -92,6 +100,16 @@ def test_cifar_resnet_agrees_and_uses_windows() -> None:
     assert fast.describe() == {"engine": "fast", "traced": True}
     assert fast.golden_images == 5  # one golden pass per image for all layers
     assert sum(c["dropped"] for c in fast.counts.values()) > 0
+    assert fast.counts["layer1.0.conv1"]["window_ops"] > 0
+
+
+def test_small_narrow_maps_run_on_whole_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the default cost rule a window on a 12x12, 16-channel map saves too little: whole maps, same results."""
+    monkeypatch.setattr(fast_engine, "MIN_WINDOW_SAVING", DEFAULT_MIN_WINDOW_SAVING)
+    torch.manual_seed(0)
+    fast = compare(models.build_model("resnet20", 10, in_chans=1), torch.randn(5, 1, 12, 12), layers="layer1")
+    assert fast.path("layer1.0.conv1") == "windowed"  # planned as windows, run whole
+    assert all(c["window_ops"] == 0 for c in fast.counts.values())
 
 
 def test_mobilenet_v2_inverted_residuals() -> None:
@@ -158,7 +176,7 @@ def test_dropping_is_exact() -> None:
     # channel 0, bits 0 and 22: still negative -> masked; bit 31: positive -> not; channel 1, bit 0: one ulp
     sites = FaultSites("0", torch.tensor([0, 1, 0, 1]), torch.tensor([5, 7, 5, 16 + 3]), torch.tensor([0, 22, 31, 0]))
     a, b = reference.run(layer, sites, Images(x)), fast.run(layer, sites, Images(x))
-    assert fast.counts["0"] == {"faults": 4, "dropped": 2}
+    assert (fast.counts["0"]["faults"], fast.counts["0"]["dropped"]) == (4, 2)
     with torch.no_grad():
         golden = model(x)
     assert torch.allclose(b.faulty_logits[:2], golden[[0, 1]], rtol=0, atol=1e-6)

@@ -51,6 +51,9 @@ DEFAULT_CACHE_BYTES = 2 << 30
 PROBE_BATCH = 5  # odd and unusual, so that a leading dimension equal to it marks the batch dimension
 MAX_IMAGES = 1 << 16  # golden store slots, whatever the budget (ImageNet's validation split has 50 000 images)
 WINDOW_LIMIT = 0.5  # a window covering more of its map than this is pasted and the op runs on whole maps
+# ... and so is one that saves fewer operations per row than this: cutting and pasting boxes row by row
+# costs Python time that small, narrow maps (CIFAR-sized networks) do not win back
+MIN_WINDOW_SAVING = 1 << 22
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -247,8 +250,10 @@ class _Run:
             tops.append(lo)
             sizes.append(n)
             starts.append((lo * s - p, (n - 1) * s + (k - 1) * d + 1))
-        if sizes[0] * sizes[1] > WINDOW_LIMIT * out_h * out_w:
+        saved = (out_h * out_w - sizes[0] * sizes[1]) * self.facts[node].shape[1] * (spec.work + 1)
+        if sizes[0] * sizes[1] > WINDOW_LIMIT * out_h * out_w or saved < MIN_WINDOW_SAVING:
             return self.call(node)
+        self.engine.counts[self.plan.layer]["window_ops"] += 1
         (y0, rh), (x0, rw) = starts
         grid = self.region(source, y0.tolist(), x0.tolist(), (rh, rw), spec.fill)
         module = self.engine._modules.get(str(node.target)) if node.op == "call_module" else None
@@ -324,7 +329,8 @@ class FastEngine(Engine):
 
     ``batch_size`` bounds the faults of one suffix pass; ``cache_bytes`` bounds the golden values held
     (for all layers at once; images are recomputed when they do not fit). ``counts[layer]`` tallies
-    ``faults`` and ``dropped`` (found masked: no suffix pass past the point of masking).
+    ``faults``, ``dropped`` (found masked: no suffix pass past the point of masking) and ``window_ops``
+    (convs and pools run on windows rather than whole maps, per batch).
     """
 
     name = "fast"
@@ -385,7 +391,7 @@ class FastEngine(Engine):
             raise EngineError(f"element index out of range for layer {layer.name} ({layer.neurons} elements)")
         if int(sites.bit.min()) < 0 or int(sites.bit.max()) >= self.fmt.bits:
             raise EngineError(f"bit positions must lie in [0, {self.fmt.bits - 1}] for {self.fmt.name}")
-        counts = self.counts.setdefault(layer.name, {"faults": 0, "dropped": 0})
+        counts = self.counts.setdefault(layer.name, {"faults": 0, "dropped": 0, "window_ops": 0})
         counts["faults"] += n
         plan = self._plan(layer, sites, source)
         logits: torch.Tensor | None = None

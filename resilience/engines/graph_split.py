@@ -174,6 +174,7 @@ class Local:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     fill: float  # the value implicit padding stands for: 0 for conv, -inf for max-pool
+    work: int = 1  # multiply-adds (or comparisons) per output element
 
 
 @dataclass
@@ -210,13 +211,17 @@ def _local(gm: fx.GraphModule, node: fx.Node) -> Local | None:
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-            return Local("conv", _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation), 0.0)
+            k = _pair(m.kernel_size)
+            return Local("conv", k, _pair(m.stride), _pair(m.padding), _pair(m.dilation), 0.0,
+                         m.in_channels // m.groups * k[0] * k[1])
         if isinstance(m, nn.MaxPool2d) and not m.ceil_mode and not m.return_indices:
-            return Local("maxpool", _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding),
-                         _pair(m.dilation), float("-inf"))
+            k = _pair(m.kernel_size)
+            return Local("maxpool", k, _pair(m.stride or m.kernel_size), _pair(m.padding), _pair(m.dilation),
+                         float("-inf"), k[0] * k[1])
         if (isinstance(m, nn.AvgPool2d) and not m.ceil_mode and _pair(m.padding) == (0, 0)
                 and m.divisor_override is None):
-            return Local("avgpool", _pair(m.kernel_size), _pair(m.stride or m.kernel_size), (0, 0), (1, 1), 0.0)
+            k = _pair(m.kernel_size)
+            return Local("avgpool", k, _pair(m.stride or m.kernel_size), (0, 0), (1, 1), 0.0, k[0] * k[1])
         return None
     if node.op == "call_function" and node.target is operator.getitem:
         # x[:, :, ::s, ::t] (the CIFAR ResNets' option-A shortcut)
