@@ -51,8 +51,9 @@ DEFAULT_CACHE_BYTES = 2 << 30
 PROBE_BATCH = 5  # odd and unusual, so that a leading dimension equal to it marks the batch dimension
 MAX_IMAGES = 1 << 16  # golden store slots, whatever the budget (ImageNet's validation split has 50 000 images)
 WINDOW_LIMIT = 0.5  # a window covering more of its map than this is pasted and the op runs on whole maps
-# ... and so is one that saves fewer operations per row than this: cutting and pasting boxes row by row
-# costs Python time that small, narrow maps (CIFAR-sized networks) do not win back
+# ... and so is a conv's window that saves fewer multiply-adds per row than this: cutting and pasting
+# boxes row by row costs Python time that small, narrow maps (CIFAR-sized networks) do not win back.
+# Pools and subsampling keep their windows: pasting costs a copy of the whole map, they save little
 MIN_WINDOW_SAVING = 1 << 22
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -250,8 +251,8 @@ class _Run:
             tops.append(lo)
             sizes.append(n)
             starts.append((lo * s - p, (n - 1) * s + (k - 1) * d + 1))
-        saved = (out_h * out_w - sizes[0] * sizes[1]) * self.facts[node].shape[1] * (spec.work + 1)
-        if sizes[0] * sizes[1] > WINDOW_LIMIT * out_h * out_w or saved < MIN_WINDOW_SAVING:
+        saved = (out_h * out_w - sizes[0] * sizes[1]) * self.facts[node].shape[1] * spec.work
+        if sizes[0] * sizes[1] > WINDOW_LIMIT * out_h * out_w or (spec.kind == "conv" and saved < MIN_WINDOW_SAVING):
             return self.call(node)
         self.engine.counts[self.plan.layer]["window_ops"] += 1
         (y0, rh), (x0, rw) = starts
