@@ -37,6 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-subset", type=int, default=12000, help="training images (0 = all 60000)")
     parser.add_argument("--injections", type=int, default=256, help="faults per layer")
     parser.add_argument("--max-images", type=int, default=2000, help="test images the campaigns draw from")
+    parser.add_argument("--clamp", choices=("profile", "none"), default="profile",
+                        help="profile: the paper's range restriction (GoldenEye); none: the plain hardware model, "
+                             "whose means are dominated by a few exponent-bit flips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     return parser
@@ -103,7 +106,7 @@ def quickstart_steps(args: argparse.Namespace, out: Path, features: Path) -> lis
             train_dir / "final_metrics.json"))
         steps.append(Step(f"fault-injection campaign on the {label} model ({engine} engine)", [
             "inject.py", "--checkpoint", str(train_dir / "checkpoint.pth"), "--injections", str(args.injections),
-            "--max-images", str(args.max_images), "--engine", engine, "--seed", str(args.seed),
+            "--max-images", str(args.max_images), "--engine", engine, "--clamp", args.clamp, "--seed", str(args.seed),
             "--device", args.device, "--out", str(campaign)], campaign / "summary.json"))
     pair = ["--baseline", str(out / "train_linear/checkpoint.pth"), "--text", str(out / "train_text/checkpoint.pth"),
             "--device", args.device]

@@ -188,5 +188,7 @@ def test_quickstart_commands_parse(tmp_path: Path) -> None:
     assert [s.command[0] for s in steps] == ["train.py", "inject.py"] * 2 + ["report.py", "analyze.py", "analyze.py"]
     for step in steps:
         parse_step(step)
+    campaign = steps[1].command
+    assert campaign[campaign.index("--clamp") + 1] == "profile"  # the paper's setting by default
     text_train = steps[2].command
     assert text_train[text_train.index("--text-features") + 1] == str(tmp_path / "features.pth")
