@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.99
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def _layer_samples(folder: Path) -> dict[str, np.ndarray]:
@@ -33,12 +34,16 @@ def _layer_samples(folder: Path) -> dict[str, np.ndarray]:
 
 def _resampled_means(values: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
     """``resamples`` bootstrap means of ``values`` over their finite entries (NaN where none is finite)."""
-    draws = values[rng.integers(0, len(values), size=(resamples, len(values)))]
-    finite = np.isfinite(draws)
-    counts = finite.sum(axis=1)
-    sums = np.where(finite, draws, 0.0).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / counts, np.nan)
+    means = np.empty(resamples)
+    block = max(1, _BLOCK_ELEMENTS // max(1, len(values)))  # bounds memory for layers with many faults
+    for start in range(0, resamples, block):
+        draws = values[rng.integers(0, len(values), size=(min(block, resamples - start), len(values)))]
+        finite = np.isfinite(draws)
+        counts = finite.sum(axis=1)
+        sums = np.where(finite, draws, 0.0).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[start : start + len(draws)] = np.where(counts > 0, sums / counts, np.nan)
+    return means
 
 
 def has_fault_records(folder: Path, summary: dict) -> bool:

@@ -145,6 +145,11 @@ def test_bootstrap_intervals_of_the_improvement(campaigns: tuple[Path, Path, Pat
     last = [("backbone.linear", 30), ("head", 10)]
     again = improvement_intervals(base, text, "linear", last)
     assert again == improvement_intervals(base, text, "linear", last)  # seeded
+    import resilience.improvement_ci as improvement_ci
+
+    with pytest.MonkeyPatch.context() as patch:  # resamples drawn in blocks of a few rows: same numbers
+        patch.setattr(improvement_ci, "_BLOCK_ELEMENTS", 1000)
+        assert improvement_intervals(base, text, "linear", last) == again
     wider = improvement_intervals(base, text, "linear", last, confidence=0.999)
     assert wider["overall"][0] <= again["overall"][0] and wider["overall"][1] >= again["overall"][1]
 
