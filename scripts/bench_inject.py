@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                "work_ratio": work, "agree": int(agree.sum())}
         rows.append(row)
         print(f"{layer.name:28} {row['path']:11} {100 * dropped / n:6.1f} {n / t_ref:9.1f} {n / t_fast:9.1f} "
-              f"{t_ref / t_fast:7.1f} {work:7.1f} {100 * float(agree.double().mean()):7.2f}", flush=True)
+              f"{t_ref / t_fast:7.1f} {work:7.3g} {100 * float(agree.double().mean()):7.2f}", flush=True)
 
     agree = torch.cat(agree_all)
     faults = len(agree)
