@@ -161,9 +161,15 @@ def top2diff_sweep(args: argparse.Namespace) -> dict[str, Any]:
                "accuracy": accuracy, "crossing_delta": None if np.isnan(crossing) else crossing,
                "baseline_above_40": float(base[-1]), "text_above_40": float(text[-1])}
     write_json(out / "top2diff_sweep.json", summary)
-    where = "never in the range" if np.isnan(crossing) else f"at δ = {crossing:.2f}"
+    span = f"δ = {args.deltas[0]:g}…{args.deltas[-1]:g}"
+    if np.isnan(crossing):
+        where = f"stays below the baseline's over {span}"
+    elif crossing == args.deltas[0]:
+        where = f"is at or above the baseline's from δ = {crossing:g} (no crossing to report)"
+    else:
+        where = f"reaches the baseline's at δ = {crossing:.2f}"
     print(f"top-1: baseline {100 * accuracy['baseline']:.2f}%, text-guided {100 * accuracy['text-guided']:.2f}%; "
-          f"the text-guided curve reaches the baseline's {where}", flush=True)
+          f"the text-guided curve {where}", flush=True)
     print(f"wrote {out / 'top2diff_sweep.csv'} and {out / 'top2diff_sweep.png'}", flush=True)
     return summary
 

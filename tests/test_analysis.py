@@ -94,7 +94,8 @@ def test_value_ranges_cli(checkpoint_pair: tuple[Path, Path], tmp_path: Path) ->
     assert float(first["mean_abs"]) == pytest.approx(float(out.double().mean()), rel=1e-6)
 
 
-def test_top2diff_sweep_cli(checkpoint_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_top2diff_sweep_cli(checkpoint_pair: tuple[Path, Path], tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
     base, text = checkpoint_pair
     argv = ["top2diff-sweep", "--baseline", str(base), "--text", str(text), "--out", str(tmp_path), "--max-images",
             "64", "--deltas", "0", "5", "20", "--device", "cpu"]
@@ -107,6 +108,14 @@ def test_top2diff_sweep_cli(checkpoint_pair: tuple[Path, Path], tmp_path: Path) 
     curve = [float(line.split(",")[1]) for line in lines[1:]]
     assert curve == sorted(curve, reverse=True)  # raising δ can only remove correct images
     assert summary["images"] == 64
+    said = capsys.readouterr().out
+    crossing = summary["crossing_delta"]
+    if crossing is None:
+        assert "stays below the baseline's over δ = 0…20" in said
+    elif crossing == 0:
+        assert "is at or above the baseline's from δ = 0" in said
+    else:
+        assert f"reaches the baseline's at δ = {crossing:.2f}" in said
 
 
 def test_bad_input_is_one_line(checkpoint_pair: tuple[Path, Path], tmp_path: Path,
