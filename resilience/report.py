@@ -3,8 +3,9 @@
 Improvement = baseline ΔLoss / text-guided ΔLoss (> 1: the text-guided model is more resilient).
 Last layer: the baseline's classifier layer against the text head's two layers (B→E and E→C) averaged
 with their output-neuron counts as weights, or against the fused B→C layer of a third campaign run
-with ``inject.py --fuse-text-head``. Overall: ratio of the network-level ΔLoss (mean of layer ΔLoss). Both ratios get a 99% bootstrap interval
-when the campaigns kept their per-fault records (:mod:`resilience.improvement_ci`).
+with ``inject.py --fuse-text-head``. Overall: ratio of the network-level ΔLoss (mean of layer ΔLoss).
+Both ratios get a 99% bootstrap interval when the campaigns kept their per-fault records
+(:mod:`resilience.improvement_ci`).
 """
 
 from __future__ import annotations
