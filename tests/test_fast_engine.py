@@ -163,13 +163,19 @@ def test_closed_form_replaces_one_logit() -> None:
 
 
 def test_dropping_is_exact() -> None:
-    """A flip that a ReLU absorbs is dropped; one that changes a ReLU output by one ulp is not."""
+    """A flip that a ReLU absorbs is dropped; one that changes a ReLU output by one ulp is recomputed."""
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(48, 4))
     with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
         model[0].weight.fill_(1.0)
         model[0].bias.copy_(torch.tensor([-10.0, 0.0]))  # channel 0 is negative everywhere, channel 1 positive
+        # logit 0 is channel 1's value at pixel 3, copied through a centre tap and a one-hot row: sums of
+        # exact zeros, so a one-ulp change reaches the logits unrounded in any summation order
+        model[2].weight[0, 1, 1, 1] = 1.0
+        model[4].weight[0, 3] = 1.0
     model.eval()
-    x = torch.rand(2, 1, 4, 4) + 0.5
+    x = (torch.arange(32, dtype=torch.float32).reshape(2, 1, 4, 4) + 17) / 32
     layer = discover_layers(model, x[:1])[0]
     reference = ReferenceEngine(model, [layer], FORMATS["fp32"], batch_size=8)
     fast = FastEngine(model, [layer], FORMATS["fp32"], batch_size=8)
@@ -179,9 +185,10 @@ def test_dropping_is_exact() -> None:
     assert (fast.counts["0"]["faults"], fast.counts["0"]["dropped"]) == (4, 2)
     with torch.no_grad():
         golden = model(x)
-    assert torch.allclose(b.faulty_logits[:2], golden[[0, 1]], rtol=0, atol=1e-6)
-    assert torch.allclose(a.faulty_logits, b.faulty_logits, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(b.faulty_logits[3], golden[1])  # a tiny change is still computed
+    assert torch.equal(b.faulty_logits[:2], golden[[0, 1]])
+    assert torch.equal(a.faulty_logits, b.faulty_logits)
+    one_ulp = golden[1, 0].view(torch.int32) ^ 1
+    assert torch.equal(b.faulty_logits[3, 0].view(torch.int32), one_ulp)
 
 
 def test_strided_conv_that_reads_none_of_the_window() -> None:
