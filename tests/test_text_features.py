@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -220,11 +219,17 @@ def test_client_errors_are_not_retried(llm: MockLLM) -> None:
 
 
 def test_rate_limit_spaces_requests(llm: MockLLM) -> None:
-    client = tf.ChatClient(llm.url, "m", rate_limit=40.0)
-    start = time.perf_counter()
+    now = [0.0]
+    starts = []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    client = tf.ChatClient(llm.url, "m", rate_limit=40.0, sleep=sleep, clock=lambda: now[0])
     for _ in range(5):
         client.complete([{"role": "user", "content": "hi"}])
-    assert time.perf_counter() - start >= 4 / 40 - 0.01
+        starts.append(now[0])
+    assert starts == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
 
 
 def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
@@ -264,6 +269,7 @@ def test_describe_cli(llm: MockLLM, tmp_path: Path, fm_names_file: Path, monkeyp
 
 @pytest.fixture(scope="module")
 def clip_encoder() -> tf.TextEncoder:
+    torch.manual_seed(0)
     return tf.build_encoder(f"openclip:{SMALL_CLIP}:none")
 
 

@@ -76,6 +76,7 @@ class ChatClient:
         max_backoff: float = 30.0,
         rate_limit: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -86,6 +87,7 @@ class ChatClient:
         self.max_backoff = max_backoff
         self.min_interval = 1.0 / rate_limit if rate_limit > 0 else 0.0
         self.sleep = sleep
+        self.clock = clock
         self.requests_sent = 0
         self._succeeded = False
         self._next_slot = 0.0
@@ -107,7 +109,7 @@ class ChatClient:
     def _wait_for_slot(self) -> None:
         if not self.min_interval:
             return
-        now = time.monotonic()
+        now = self.clock()
         if self._next_slot > now:
             self.sleep(self._next_slot - now)
             now = self._next_slot
