@@ -40,7 +40,6 @@ from analysis.cam_figure import render_grid
 from analysis.faults_for_cam import (
     HEAD_RULES,
     FaultSpec,
-    FaultSpecError,
     ModelFaults,
     NeuronFault,
     RandomFlips,
@@ -48,9 +47,10 @@ from analysis.faults_for_cam import (
     fault_list_row,
     pair_faults,
 )
+from cli_shell import run_cli
 from resilience.storage import atomic_write, write_json
 from resilience.weights.fault_list import FaultList, parse_index, write_fault_list
-from resilience.weights.faults import WeightFault, WeightFaultError
+from resilience.weights.faults import WeightFault
 
 KEYS = ("baseline", "text")
 HEAD_OF = {"baseline": "linear", "text": "text"}
@@ -252,20 +252,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that describe bad input in one line (printed without a traceback)."""
-    return CamError, FaultSpecError, WeightFaultError, data.DatasetUnavailable, models.CheckpointError
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run, and turn bad input into one ``error:`` line and exit code 2."""
     args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: main(args))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cli_shell import UserError
+
 from .registry import build_model, get_model_spec, list_models
 
 CHECKPOINT_FORMAT = "tgr-checkpoint/1"
@@ -34,7 +36,7 @@ REQUIRED_META = ("model", "num_classes", "head")
 _PLAIN_SCALARS = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the requested model (one-line message)."""
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cli_shell import UserError
 from resilience.bitflip import NumberFormat, get_format
 from resilience.engines import get_engine
 from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
@@ -61,7 +62,7 @@ FAULT_SCHEMA = pa.schema(
 )
 
 
-class CampaignError(Exception):
+class CampaignError(UserError):
     """A campaign cannot run or be assembled as asked (one-line message)."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli_shell import UserError
 from resilience.figures import pyplot, save_png
 from resilience.improvement_ci import DEFAULT_CONFIDENCE, has_fault_records, improvement_intervals
 from resilience.storage import read_json, write_text
@@ -26,7 +27,7 @@ TEXT_PREFIX = "backbone."  # the text model's backbone layers are the baseline's
 COMPARED = ("dataset", "split", "format", "clamp")  # must agree between the campaigns
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """The campaigns cannot be compared as asked (one-line message)."""
 
 
