@@ -25,6 +25,7 @@ from analysis.pipeline import run_steps
 from analysis.top2diff_sweep import DEFAULT_DELTAS, accuracy_above, crossing_point, plot_sweep
 from analysis.value_ranges import plot_ranges, range_rows, write_range_csv
 from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
+from models.checkpoint import require_head
 from models.device import resolve_device
 from resilience.bitflip import get_format
 from resilience.golden import EvaluatedImages, evaluated_ids, golden_pass
@@ -33,6 +34,8 @@ from resilience.profile import activation_ranges
 from resilience.storage import write_json, write_text
 
 MODELS = ("baseline", "text-guided")
+HEAD_OF = {"baseline": "linear", "text-guided": "text"}
+OPTION_OF = {"baseline": "baseline", "text-guided": "text"}
 
 
 class AnalysisError(UserError):
@@ -94,6 +97,7 @@ def load_pair(args: argparse.Namespace) -> tuple[list[tuple[str, torch.nn.Module
         if not Path(path).is_file():
             raise AnalysisError(f"{label} checkpoint not found: {path}")
         model, meta = models.load_checkpoint(path, dataset=args.dataset, allow_unsafe=args.allow_unsafe)
+        require_head(meta, HEAD_OF[label], f"--{OPTION_OF[label]}", path)
         loaded.append((label, model.eval(), dict(meta)))
     dataset = args.dataset or loaded[0][2].get("dataset")
     if not dataset:
@@ -139,7 +143,7 @@ def value_ranges(args: argparse.Namespace) -> dict[str, Any]:
 
 def top2diff_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """top2diff_sweep.csv/.png/.json: accuracy against δ for both models and the crossing point."""
-    if any(d < 0 or d > 100 for d in args.deltas) or list(args.deltas) != sorted(args.deltas):
+    if not all(0 <= d <= 100 for d in args.deltas) or list(args.deltas) != sorted(args.deltas):
         raise AnalysisError("--deltas must be increasing percentages between 0 and 100")
     device, fmt = resolve_device(args.device), get_format("fp32")
     loaded, dataset = load_pair(args)

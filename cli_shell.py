@@ -65,7 +65,7 @@ def _bounded_int(text: str, least: int) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < least:
-        raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        raise argparse.ArgumentTypeError(f"must be at least {least} (got {value})")
     return value
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from cli_shell import HelpFormatter, non_negative_int, positive_int, regex, run_cli
+from models.device import resolve_device
 from resilience.bitflip import FORMATS, get_format
 from resilience.campaign import (
     CLAMP_MODES,
@@ -138,18 +139,6 @@ def get_merge_parser() -> argparse.ArgumentParser:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="campaign folders of the shards")
     parser.add_argument("--out", default=None, metavar="DIR", help="merged folder (default: the first DIR)")
     return parser
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """``auto`` picks CUDA when available; under torchrun each rank takes its local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CampaignError("--device cuda requested but CUDA is not available (use --device cpu)")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    return torch.device(name)
 
 
 def launcher_shard(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
@@ -345,7 +334,8 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
     missing = cdir.missing()
     if missing:
         print(f"{len(missing)} {'chunks' if sampling is None else 'layers'} left to other shards; the last shard to "
-              f"finish writes the final files (or run: python inject.py merge {out})", flush=True)
+              f"finish writes the final files (shards run into separate folders: python inject.py merge {out} "
+              f"OTHER_SHARD_DIR ...)", flush=True)
         return 0
     summary = assemble(cdir) if sampling is None else assemble_stratified(out)
     net = summary["network"]

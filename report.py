@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cli_shell import run_cli
+from cli_shell import regex, run_cli
 from resilience.report import collect, compare, table1_markdown, table1_rows_markdown
 
 
@@ -30,6 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", default=None, metavar="DIR",
                    help="campaign of the text model run with --fuse-text-head (last layer as one B->C layer)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--layers", type=regex, default=None, metavar="REGEX",
+                   help="compare only the layers whose (baseline) name matches, when the campaigns injected "
+                        "different layer subsets; the last layers are always compared")
     c = sub.add_parser("collect", help="gather table1.csv files of several models into one table")
     c.add_argument("tables", nargs="+", metavar="TABLE1_CSV")
     c.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> None:
         rows = collect([Path(t) for t in args.tables], Path(args.out))
         print("\n".join(table1_rows_markdown(rows)))
     else:
-        row = compare(Path(args.base), Path(args.text), Path(args.out), Path(args.fused) if args.fused else None)
+        row = compare(Path(args.base), Path(args.text), Path(args.out), Path(args.fused) if args.fused else None,
+                      layers=args.layers)
         print(table1_markdown(row), end="")
     print(f"outputs in {args.out}")
 

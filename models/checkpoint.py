@@ -377,3 +377,9 @@ def load_checkpoint(
     meta["checkpoint_sha256"] = sha256_file(path)
     meta["ema"] = use_ema
     return model.eval(), meta
+
+
+def require_head(meta: Mapping[str, Any], head: str, option: str, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint given for ``option`` (e.g. ``--text``) whose classifier head is not ``head``."""
+    if meta.get("head") != head:
+        raise CheckpointError(f"{option} {path} has a {meta.get('head')} head; {option} needs a {head} head")
