@@ -72,8 +72,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "text_features": None}
         found[head] = models.save_checkpoint(root / f"{head}.pth", model, meta)
     found["fault_list"] = root / "faults.csv"
-    found["fault_list"].write_text(FL_HEADER + "0,conv1,\"[0, 0, 0, 0]\",30\n1,conv1,\"[1, 0, 0, 0]\",31\n"
-                                   "2,linear,\"[0, 0]\",30\n")
+    found["fault_list"].write_text(FL_HEADER + "0,conv1,\"(0, 0, 0, 0)\",30\n1,conv1,\"(1, 0, 0, 0)\",31\n"
+                                   "2,linear,\"(0, 0)\",30\n")
     for seed in (3, 4):
         found[f"seed{seed}"] = root / f"fi_seed{seed}"
         assert inject.main(campaign_argv(found["linear"], found[f"seed{seed}"], "--seed", str(seed))) == 0
@@ -246,14 +246,14 @@ CASES: list[tuple[str, Callable[[Sequence[str]], int], Callable[[dict[str, Path]
      "--fault-list needs a weight fault model"),
     ("weight run: fault list not UTF-8", inject.main,
      lambda a, t: ["--fault-model", "weight-bitflip", "--checkpoint", str(a["linear"]), "--out", str(t / "o"),
-                   "--fault-list", bad_bytes(t, "fl.csv", FL_HEADER.encode() + b"0,conv\xff1,\"[0, 0, 0, 0]\",3\n")],
+                   "--fault-list", bad_bytes(t, "fl.csv", FL_HEADER.encode() + b"0,conv\xff1,\"(0, 0, 0, 0)\",3\n")],
      "not UTF-8"),
     ("weight run: header-only fault list", inject.main,
      lambda a, t: ["--fault-model", "weight-bitflip", "--checkpoint", str(a["linear"]), "--out", str(t / "o"),
                    "--fault-list", bad_bytes(t, "fl.csv", FL_HEADER.encode())], "no fault rows"),
     ("weight run: Injection -5", inject.main,
      lambda a, t: ["--fault-model", "weight-bitflip", "--checkpoint", str(a["linear"]), "--out", str(t / "o"),
-                   "--fault-list", bad_bytes(t, "fl.csv", FL_HEADER.encode() + b"-5,conv1,\"[0, 0, 0, 0]\",3\n")],
+                   "--fault-list", bad_bytes(t, "fl.csv", FL_HEADER.encode() + b"-5,conv1,\"(0, 0, 0, 0)\",3\n")],
      "Injection -5 is negative"),
     ("weight run: --seed -1", inject.main,
      lambda a, t: ["--fault-model", "weight-bitflip-transient", "--checkpoint", str(a["linear"]),
