@@ -20,13 +20,14 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from cli_shell import HelpFormatter, non_negative_int, positive_int, regex, run_cli
 from models.device import resolve_device
@@ -230,6 +231,15 @@ def rerun_command(argv: Sequence[str]) -> str:
     return "python inject.py " + shlex.join(kept)
 
 
+def progress_bar(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], images: int, desc: str,
+                 disable: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` passed through, with a progress bar counting images."""
+    with tqdm(total=images, unit="img", desc=desc, disable=disable, dynamic_ncols=True, leave=False) as bar:
+        for x, y in batches:
+            yield x, y
+            bar.update(len(x))
+
+
 def cached_golden(path: Path, key: str, compute: Callable[[], Golden]) -> Golden:
     """Golden outputs cached in DIR/golden.pt (a resumed run reuses them; another key recomputes)."""
     if path.is_file():
@@ -282,7 +292,8 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "model", "dataset", "split", "checkpoint_sha256", "fused_text_head", "preset", "max_images", "format",
         "device")})
     out.mkdir(parents=True, exist_ok=True)
-    golden = cached_golden(out / "golden.pt", golden_key, lambda: golden_pass(model, ids, evaluated.batches(GOLDEN_BATCH), fmt, device))
+    golden = cached_golden(out / "golden.pt", golden_key, lambda: golden_pass(
+        model, ids, progress_bar(evaluated.batches(GOLDEN_BATCH), len(ids), "golden pass", args.no_progress), fmt, device))
     t_setup = time.perf_counter() - t_start  # model, images and golden pass
 
     example = evaluated.images(ids[:1]).to(device, fmt.dtype)
@@ -299,8 +310,10 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
                "dataset": dataset_name, "preset": preset, "format": args.format, "images": len(train_ids),
                "device": device.type}
         cache = Path(args.profile_cache) if args.profile_cache else Path.home() / ".cache/text-guided-resilience/profiles"
+        batches = iterate_split(train, train_ids, GOLDEN_BATCH, args.workers)
         clamp_max = cached_profile(cache, key, lambda: profile_max_abs(
-            model, layers, (x for x, _ in iterate_split(train, train_ids, GOLDEN_BATCH, args.workers)), fmt, device))
+            model, layers, (x for x, _ in progress_bar(batches, len(train_ids), "profile", args.no_progress)), fmt,
+            device))
 
     import models
 

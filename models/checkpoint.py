@@ -120,6 +120,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _read(path: Path, allow_unsafe: bool, map_location: Any) -> Any:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither a zip archive (torch.save) nor a legacy pickle
+        raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (it starts with {head!r})")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -340,7 +344,7 @@ def load_checkpoint(
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint {'is a folder, not a file' if path.is_dir() else 'not found'}: {path}")
     raw = _read(path, allow_unsafe, map_location)
     layout, state, info = _unpack(raw, use_ema, path)
     if layout == "tgr":
