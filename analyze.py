@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from analysis.ablation import VARIANTS, AblationPlan, ablation_steps, ablation_table, write_ablation
-from analysis.pipeline import StepFailed, run_steps
+from analysis.pipeline import run_steps
 from analysis.top2diff_sweep import DEFAULT_DELTAS, accuracy_above, crossing_point, plot_sweep
 from analysis.value_ranges import plot_ranges, range_rows, write_range_csv
-from models.device import DeviceUnavailable, resolve_device
+from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
+from models.checkpoint import require_head
+from models.device import resolve_device
 from resilience.bitflip import get_format
 from resilience.golden import EvaluatedImages, evaluated_ids, golden_pass
 from resilience.layers import discover_layers
@@ -32,9 +34,11 @@ from resilience.profile import activation_ranges
 from resilience.storage import write_json, write_text
 
 MODELS = ("baseline", "text-guided")
+HEAD_OF = {"baseline": "linear", "text-guided": "text"}
+OPTION_OF = {"baseline": "baseline", "text-guided": "text"}
 
 
-class AnalysisError(Exception):
+class AnalysisError(UserError):
     """Bad input for an analysis (one-line message)."""
 
 
@@ -45,8 +49,8 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--dataset", default=None, help="dataset (default: the checkpoints')")
     parser.add_argument("--data-path", default=None, help="dataset root (default: data.default_data_root())")
-    parser.add_argument("--max-images", type=int, default=None, metavar="K", help="K test images (a fixed random subset, as inject.py --max-images)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-images", type=positive_int, default=None, metavar="K", help="K test images (a fixed random subset, as inject.py --max-images)")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--allow-unsafe-checkpoint", dest="allow_unsafe", action="store_true",
                         help="full unpickling of old checkpoints (only files you trust)")
@@ -55,19 +59,19 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``analyze.py`` command line with its three subcommands."""
     parser = argparse.ArgumentParser(prog="analyze.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     ranges = sub.add_parser("value-ranges", help="max and mean |activation| per layer (Figure 3)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
     add_pair_arguments(ranges)
     sweep = sub.add_parser("top2diff-sweep", help="accuracy against a Top2Diff threshold (Figure 4)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     add_pair_arguments(sweep)
     sweep.add_argument("--deltas", type=float, nargs="+", default=list(DEFAULT_DELTAS), metavar="δ",
                        help="thresholds in percentage points (default 1 2 ... 40)")
 
     abl = sub.add_parser("ablation", help="random / class-name / description inits (Table 3)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     abl.add_argument("-c", "--config", required=True, help="train.py recipe")
     abl.add_argument("--dataset", required=True)
     abl.add_argument("--out", required=True, metavar="DIR")
@@ -76,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     abl.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     abl.add_argument("--baseline-campaign", default=None, metavar="DIR",
                      help="finished baseline campaign to compare with (else a baseline is trained and injected)")
-    abl.add_argument("--seed", type=int, default=0)
+    abl.add_argument("--seed", type=non_negative_int, default=0)
     abl.add_argument("--train-args", default="", help="extra train.py options, one quoted string")
     abl.add_argument("--inject-args", default="--injections 1024 --engine fast",
                      help="extra inject.py options, one quoted string")
@@ -93,6 +97,7 @@ def load_pair(args: argparse.Namespace) -> tuple[list[tuple[str, torch.nn.Module
         if not Path(path).is_file():
             raise AnalysisError(f"{label} checkpoint not found: {path}")
         model, meta = models.load_checkpoint(path, dataset=args.dataset, allow_unsafe=args.allow_unsafe)
+        require_head(meta, HEAD_OF[label], f"--{OPTION_OF[label]}", path)
         loaded.append((label, model.eval(), dict(meta)))
     dataset = args.dataset or loaded[0][2].get("dataset")
     if not dataset:
@@ -138,7 +143,7 @@ def value_ranges(args: argparse.Namespace) -> dict[str, Any]:
 
 def top2diff_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """top2diff_sweep.csv/.png/.json: accuracy against δ for both models and the crossing point."""
-    if any(d < 0 or d > 100 for d in args.deltas) or list(args.deltas) != sorted(args.deltas):
+    if not all(0 <= d <= 100 for d in args.deltas) or list(args.deltas) != sorted(args.deltas):
         raise AnalysisError("--deltas must be increasing percentages between 0 and 100")
     device, fmt = resolve_device(args.device), get_format("fp32")
     loaded, dataset = load_pair(args)
@@ -176,9 +181,13 @@ def top2diff_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 def ablation(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train and inject what is missing, then write ablation.csv and ablation.md."""
+    try:
+        train_args, inject_args = shlex.split(args.train_args), shlex.split(args.inject_args)
+    except ValueError as exc:
+        raise AnalysisError(f"--train-args/--inject-args: {exc}") from None
     plan = AblationPlan(out=Path(args.out), config=args.config, dataset=args.dataset, encoder=args.encoder,
-                        descriptions=args.descriptions, variants=args.variants, train_args=shlex.split(args.train_args),
-                        inject_args=shlex.split(args.inject_args), seed=args.seed,
+                        descriptions=args.descriptions, variants=args.variants, train_args=train_args,
+                        inject_args=inject_args, seed=args.seed,
                         baseline_campaign=Path(args.baseline_campaign) if args.baseline_campaign else None)
     if not Path(args.config).is_file():
         raise AnalysisError(f"recipe not found: {args.config}")
@@ -194,22 +203,9 @@ def ablation(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand, report bad input as one ``error:`` line (exit code 2)."""
-    import data
-    import models
-    from resilience.report import ReportError
-
     args = get_args_parser().parse_args(argv)
-    if getattr(args, "max_images", None) is not None and args.max_images < 1:
-        print("error: --max-images must be at least 1", file=sys.stderr)
-        return 2
     run = {"value-ranges": value_ranges, "top2diff-sweep": top2diff_sweep, "ablation": ablation}[args.command]
-    try:
-        run(args)
-    except (AnalysisError, DeviceUnavailable, StepFailed, ReportError, models.CheckpointError,
-            data.DatasetUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

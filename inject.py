@@ -20,14 +20,17 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from cli_shell import HelpFormatter, non_negative_int, positive_int, regex, run_cli
+from models.device import resolve_device
 from resilience.bitflip import FORMATS, get_format
 from resilience.campaign import (
     CLAMP_MODES,
@@ -40,7 +43,7 @@ from resilience.campaign import (
     merge,
     parse_shard,
 )
-from resilience.engines import ENGINES, EngineError
+from resilience.engines import ENGINES
 from resilience.golden import (
     GOLDEN_MODES,
     EvaluatedImages,
@@ -52,7 +55,7 @@ from resilience.golden import (
 from resilience.layers import discover_layers
 from resilience.profile import cached_profile, profile_max_abs
 from resilience.storage import atomic_write
-from resilience.stratified import AdaptiveConfig
+from resilience.stratified import AdaptiveConfig, make_strata
 from resilience.stratified_campaign import (
     add_stratified_args,
     assemble_stratified,
@@ -62,7 +65,9 @@ from resilience.stratified_campaign import (
     sampling_from_args,
     stratified_complete,
 )
+from resilience.weights.faults import FAULT_MODELS as WEIGHT_FAULT_MODELS
 
+PLAN_BYTES_PER_FAULT = 64  # one layer's sampled sites and their temporaries (resilience.sampling)
 IN_MEMORY_LIMIT = 2 << 30  # bytes of evaluated images held in memory; larger splits are read on demand
 GOLDEN_BATCH = 256  # fixed, so golden logits do not depend on --batch-size
 NEURON_FAULT_MODEL = "neuron-bitflip"
@@ -71,14 +76,15 @@ NEURON_FAULT_MODEL = "neuron-bitflip"
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Options of a neuron-fault campaign."""
     parser = argparse.ArgumentParser(
-        prog="inject.py", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="inject.py", add_help=add_help, formatter_class=HelpFormatter,
         description="Single-bit-flip campaign on conv/linear outputs: ΔLoss, mismatch and Top2Diff per fault, "
                     "per layer and for the network. Subcommand: 'inject.py merge DIR...'.",
     )
-    parser.add_argument("--fault-model", choices=(NEURON_FAULT_MODEL,), default=NEURON_FAULT_MODEL,
-                        help="transient flip of one activation bit (weight-* fault models: docs/weight_faults.md)")
+    parser.add_argument("--fault-model", choices=(NEURON_FAULT_MODEL, *WEIGHT_FAULT_MODELS), default=NEURON_FAULT_MODEL,
+                        help="neuron-bitflip: transient flip of one activation bit; weight-*: faults in weights, "
+                             "with --fault-list (their options: inject.py --fault-model weight-bitflip --help)")
     parser.add_argument("--out", required=True, metavar="DIR", help="campaign folder (rerun to resume)")
-    parser.add_argument("--seed", type=int, default=0, help="fault sampling seed")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="fault sampling seed")
 
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", required=True, help="checkpoint (ours, the paper's or dnn-benchmarks')")
@@ -94,33 +100,33 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = parser.add_argument_group("images")
     g.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
     g.add_argument("--data-path", default=None, help="dataset root (default: data.default_data_root())")
-    g.add_argument("--max-images", type=int, default=None, metavar="K",
+    g.add_argument("--max-images", type=positive_int, default=None, metavar="K",
                    help="evaluate K images of the split (a fixed permutation, the same for every model and seed)")
     g.add_argument("--golden", choices=GOLDEN_MODES, default="correct",
                    help="images faults may hit: correctly classified with Top2Diff > 0, or all")
-    g.add_argument("-j", "--workers", type=int, default=2, help="data-loading workers")
+    g.add_argument("-j", "--workers", type=non_negative_int, default=2, help="data-loading workers")
 
     g = parser.add_argument_group("faults")
     n = g.add_mutually_exclusive_group()
-    n.add_argument("--injections", type=int, default=None, metavar="N", help="faults per layer (default 512)")
+    n.add_argument("--injections", type=positive_int, default=None, metavar="N", help="faults per layer (default 512)")
     n.add_argument("--margin", type=float, default=None, metavar="E",
                    help="Leveugle et al. 2009: n per layer for error margin E (with --confidence)")
     g.add_argument("--confidence", type=float, default=0.99, help="confidence of --margin")
-    g.add_argument("--layers", default=None, metavar="REGEX", help="only layers whose name matches")
+    g.add_argument("--layers", type=regex, default=None, metavar="REGEX", help="only layers whose name matches")
     g.add_argument("--format", choices=tuple(FORMATS), default="fp32", help="number format the model runs in")
     g.add_argument("--clamp", choices=CLAMP_MODES, default="none",
                    help="profile: GoldenEye's clamp to ±(profiled max |activation|), NaN -> +max")
-    g.add_argument("--profile-images", type=int, default=1024, metavar="K", help="training images of the profile")
+    g.add_argument("--profile-images", type=positive_int, default=1024, metavar="K", help="training images of the profile")
     g.add_argument("--profile-cache", default=None, metavar="DIR",
                    help="profile cache (default: ~/.cache/text-guided-resilience/profiles)")
 
     g = parser.add_argument_group("execution")
     g.add_argument("--engine", choices=tuple(sorted(ENGINES)), default="reference")
-    g.add_argument("-b", "--batch-size", type=int, default=64, help="faults per forward pass")
-    g.add_argument("--chunk-size", type=int, default=256,
+    g.add_argument("-b", "--batch-size", type=positive_int, default=64, help="faults per forward pass")
+    g.add_argument("--chunk-size", type=positive_int, default=256,
                    help="faults per persisted chunk (a multiple of the batch size; a kill loses at most one)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     g.add_argument("--shard", default=None, metavar="i/k",
                    help="run shard i of k (0-based); under torchrun: RANK/WORLD_SIZE")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -134,18 +140,6 @@ def get_merge_parser() -> argparse.ArgumentParser:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="campaign folders of the shards")
     parser.add_argument("--out", default=None, metavar="DIR", help="merged folder (default: the first DIR)")
     return parser
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """``auto`` picks CUDA when available; under torchrun each rank takes its local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CampaignError("--device cuda requested but CUDA is not available (use --device cpu)")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    return torch.device(name)
 
 
 def launcher_shard(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
@@ -237,6 +231,15 @@ def rerun_command(argv: Sequence[str]) -> str:
     return "python inject.py " + shlex.join(kept)
 
 
+def progress_bar(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], images: int, desc: str,
+                 disable: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` passed through, with a progress bar counting images."""
+    with tqdm(total=images, unit="img", desc=desc, disable=disable, dynamic_ncols=True, leave=False) as bar:
+        for x, y in batches:
+            yield x, y
+            bar.update(len(x))
+
+
 def cached_golden(path: Path, key: str, compute: Callable[[], Golden]) -> Golden:
     """Golden outputs cached in DIR/golden.pt (a resumed run reuses them; another key recomputes)."""
     if path.is_file():
@@ -257,10 +260,7 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
     sampling = sampling_from_args(args)  # before the uniform default below: it refuses --injections
     if args.injections is None and args.margin is None:
         args.injections = 512
-    for name in ("max_images", "batch_size", "chunk_size", "threads", "profile_images", "workers"):
-        value, least = getattr(args, name), 0 if name == "workers" else 1
-        if value is not None and value < least:
-            raise CampaignError(f"--{name.replace('_', '-')} must be at least {least}")
+    check_plan_memory(args, sampling)
     if args.threads:
         torch.set_num_threads(args.threads)
     shard, local_rank = launcher_shard(args)
@@ -292,7 +292,8 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "model", "dataset", "split", "checkpoint_sha256", "fused_text_head", "preset", "max_images", "format",
         "device")})
     out.mkdir(parents=True, exist_ok=True)
-    golden = cached_golden(out / "golden.pt", golden_key, lambda: golden_pass(model, ids, evaluated.batches(GOLDEN_BATCH), fmt, device))
+    golden = cached_golden(out / "golden.pt", golden_key, lambda: golden_pass(
+        model, ids, progress_bar(evaluated.batches(GOLDEN_BATCH), len(ids), "golden pass", args.no_progress), fmt, device))
     t_setup = time.perf_counter() - t_start  # model, images and golden pass
 
     example = evaluated.images(ids[:1]).to(device, fmt.dtype)
@@ -309,8 +310,10 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
                "dataset": dataset_name, "preset": preset, "format": args.format, "images": len(train_ids),
                "device": device.type}
         cache = Path(args.profile_cache) if args.profile_cache else Path.home() / ".cache/text-guided-resilience/profiles"
+        batches = iterate_split(train, train_ids, GOLDEN_BATCH, args.workers)
         clamp_max = cached_profile(cache, key, lambda: profile_max_abs(
-            model, layers, (x for x, _ in iterate_split(train, train_ids, GOLDEN_BATCH, args.workers)), fmt, device))
+            model, layers, (x for x, _ in progress_bar(batches, len(train_ids), "profile", args.no_progress)), fmt,
+            device))
 
     import models
 
@@ -344,7 +347,8 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
     missing = cdir.missing()
     if missing:
         print(f"{len(missing)} {'chunks' if sampling is None else 'layers'} left to other shards; the last shard to "
-              f"finish writes the final files (or run: python inject.py merge {out})", flush=True)
+              f"finish writes the final files (shards run into separate folders: python inject.py merge {out} "
+              f"OTHER_SHARD_DIR ...)", flush=True)
         return 0
     summary = assemble(cdir) if sampling is None else assemble_stratified(out)
     net = summary["network"]
@@ -364,13 +368,26 @@ def _already_complete(out: Path, config: CampaignConfig, sampling: tuple[Adaptiv
     return False
 
 
-def cli_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions reported as one ``error: ...`` line."""
-    errors: list[type[BaseException]] = [CampaignError, EngineError]
-    for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError")):
-        with contextlib.suppress(ImportError, AttributeError):
-            errors.append(getattr(__import__(module), name))
-    return tuple(errors)
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None when unknown."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo", encoding="ascii") as f:
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return None
+
+
+def check_plan_memory(args: argparse.Namespace, sampling: tuple[AdaptiveConfig, str] | None) -> None:
+    """Refuse, before any file is written, a per-layer fault plan that cannot fit in memory."""
+    if sampling is None:
+        faults = args.injections or 0  # a --margin plan is bounded by the Leveugle formula
+    else:
+        adaptive, grouping = sampling
+        faults = max(adaptive.max_injections, adaptive.pilot * len(make_strata(get_format(args.format), grouping)))
+    need, available = faults * PLAN_BYTES_PER_FAULT, available_memory()
+    if available is not None and need > available:
+        raise CampaignError(f"{faults:,} faults per layer need about {need / 2**30:.1f} GiB to plan, more than the "
+                            f"{available / 2**30:.1f} GiB available; ask for fewer (or shard the layers with --layers)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,17 +398,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if wants_weight_faults(argv):
         return weights_cli(argv, prog="inject.py")
-    try:
-        if argv and argv[0] == "merge":
-            margs = get_merge_parser().parse_args(argv[1:])
-            gather = merge_stratified if is_stratified(Path(margs.dirs[0])) else merge
-            summary = gather([Path(d) for d in margs.dirs], Path(margs.out or margs.dirs[0]))
-            print(f"merged {len(margs.dirs)} folder(s): network ΔLoss {summary['network']['delta_loss']:.4g}", flush=True)
-            return 0
-        return campaign(get_args_parser().parse_args(argv), argv)
-    except cli_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if argv and argv[0] == "merge":
+        margs = get_merge_parser().parse_args(argv[1:])
+        return run_cli(lambda: merge_dirs(margs.dirs, margs.out))
+    parser = get_args_parser()
+    if any(arg == "--fault-list" or arg.startswith("--fault-list=") for arg in argv):
+        parser.error(f"--fault-list needs a weight fault model: --fault-model {{{','.join(WEIGHT_FAULT_MODELS)}}}")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: campaign(args, argv))
+
+
+def merge_dirs(dirs: Sequence[str], out: str | None) -> None:
+    """``inject.py merge``: gather the shards' folders into ``out`` (default: the first) and assemble."""
+    gather = merge_stratified if is_stratified(Path(dirs[0])) else merge
+    summary = gather([Path(d) for d in dirs], Path(out or dirs[0]))
+    print(f"merged {len(dirs)} folder(s): network ΔLoss {summary['network']['delta_loss']:.4g}", flush=True)
 
 
 if __name__ == "__main__":

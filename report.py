@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from resilience.report import ReportError, collect, compare, table1_markdown, table1_rows_markdown
+from cli_shell import regex, run_cli
+from resilience.report import collect, compare, table1_markdown, table1_rows_markdown
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", default=None, metavar="DIR",
                    help="campaign of the text model run with --fuse-text-head (last layer as one B->C layer)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--layers", type=regex, default=None, metavar="REGEX",
+                   help="compare only the layers whose (baseline) name matches, when the campaigns injected "
+                        "different layer subsets; the last layers are always compared")
     c = sub.add_parser("collect", help="gather table1.csv files of several models into one table")
     c.add_argument("tables", nargs="+", metavar="TABLE1_CSV")
     c.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -38,18 +42,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the report; errors print as one line (exit code 2)."""
     args = get_args_parser().parse_args(argv)
-    try:
-        if args.command == "collect":
-            rows = collect([Path(t) for t in args.tables], Path(args.out))
-            print("\n".join(table1_rows_markdown(rows)))
-        else:
-            row = compare(Path(args.base), Path(args.text), Path(args.out), Path(args.fused) if args.fused else None)
-            print(table1_markdown(row), end="")
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the parsed subcommand."""
+    if args.command == "collect":
+        rows = collect([Path(t) for t in args.tables], Path(args.out))
+        print("\n".join(table1_rows_markdown(rows)))
+    else:
+        row = compare(Path(args.base), Path(args.text), Path(args.out), Path(args.fused) if args.fused else None,
+                      layers=args.layers)
+        print(table1_markdown(row), end="")
     print(f"outputs in {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

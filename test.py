@@ -10,10 +10,7 @@ flag spellings are accepted: --data_path, --checkpoint_path, --CLIP_model, --CLI
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,20 +18,18 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from models.device import DeviceUnavailable, default_workers, resolve_device
+from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
+from models.device import default_workers, resolve_device
+from resilience.storage import atomic_write, write_json
 from training.distributed import destroy_distributed, init_distributed_mode, is_main_process
 from training.engine import evaluate
 from training.samplers import ShardSampler
 
 
-class UsageError(Exception):
-    """Bad user input that the CLI reports as one line."""
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a classifier checkpoint", add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", required=True, help="checkpoint file")
     parser.add_argument("--dataset", default=None,
@@ -58,13 +53,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("evaluation")
     g.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
-    g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
+    g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256)
     g.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=default_workers(),
                    help="data-loading processes (default: up to 4, at most the CPU cores)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--amp", action="store_true", help="mixed precision inference")
-    g.add_argument("--subset", type=int, default=None, metavar="K", help="evaluate K randomly chosen images")
-    g.add_argument("--seed", type=int, default=10, help="seed of --subset")
+    g.add_argument("--subset", type=positive_int, default=None, metavar="K", help="evaluate K randomly chosen images")
+    g.add_argument("--seed", type=non_negative_int, default=10, help="seed of --subset")
     g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="small-input stem (default: the checkpoint's)")
     g.add_argument("--val-resize-size", type=int, default=None, help="override the preset's resize size")
@@ -84,12 +79,12 @@ def check_features(args: argparse.Namespace, meta: dict[str, Any], model: torch.
 
     path = Path(args.text_features)
     if not path.is_file():
-        raise UsageError(f"text features file not found: {path}")
+        raise UserError(f"text features file not found: {path}")
     feats, _ = text_features.load_text_features(path)
     head = getattr(model, "head", None)
     weight = getattr(head, "weight", None)
     if meta.get("head") == "text" and weight is not None and tuple(weight.shape) != tuple(feats.shape):
-        raise UsageError(
+        raise UserError(
             f"{path} holds features of shape {tuple(feats.shape)} but the checkpoint's head is {tuple(weight.shape)}"
         )
 
@@ -113,21 +108,27 @@ def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: s
 
 def write_outputs(result: dict[str, Any], per_class: list[dict], out: str | None, csv_path: str | None) -> None:
     if out:
-        out_path = Path(out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**result, "per_class": per_class}, indent=2, allow_nan=True) + "\n")
-        os.replace(tmp, out_path)
-        if csv_path is None:
-            csv_path = str(out_path.with_suffix(".csv"))
+        write_json(Path(out), {**result, "per_class": per_class})
+    csv_path = output_paths(out, csv_path)[1]
     if csv_path:
-        csv_file = Path(csv_path)
-        csv_file.parent.mkdir(parents=True, exist_ok=True)
-        with csv_file.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["class_index", "class_name", "n", "correct", "accuracy"])
-            writer.writeheader()
-            for row in per_class:
-                writer.writerow({**row, "accuracy": f"{row['accuracy']:.4f}"})
+        def write_csv(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["class_index", "class_name", "n", "correct", "accuracy"])
+                writer.writeheader()
+                for row in per_class:
+                    writer.writerow({**row, "accuracy": f"{row['accuracy']:.4f}"})
+
+        atomic_write(Path(csv_path), write_csv)
+
+
+def output_paths(out: str | None, csv_path: str | None) -> tuple[str | None, str | None]:
+    """(--out, --csv) with the CSV defaulting to --out's name with .csv; refuses folders up front."""
+    if out and csv_path is None:
+        csv_path = str(Path(out).with_suffix(".csv"))
+    for path in (out, csv_path):
+        if path and Path(path).is_dir():
+            raise UserError(f"{path} is a folder; give a file name (e.g. {Path(path) / 'metrics.json'})")
+    return out, csv_path
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,7 +138,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     path = Path(args.checkpoint)
     if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path}")
+        raise UserError(f"checkpoint {'is a folder' if path.is_dir() else 'not found'}: {path}")
+    output_paths(args.out, args.csv)
     device = resolve_device(args.device)
     args.device = str(device)
     init_distributed_mode(args)
@@ -160,10 +162,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if dataset is None:
         dataset = meta.get("dataset") or "imagenet"
     if dataset not in data.DATASETS:
-        raise UsageError(f"unknown dataset {dataset!r} (choose from {', '.join(data.DATASETS)})")
+        raise UserError(f"unknown dataset {dataset!r} (choose from {', '.join(data.DATASETS)})")
     num_classes = data.num_classes(dataset)
     if meta.get("num_classes") not in (None, num_classes):
-        raise UsageError(f"the checkpoint predicts {meta['num_classes']} classes but {dataset} has {num_classes}")
+        raise UserError(f"the checkpoint predicts {meta['num_classes']} classes but {dataset} has {num_classes}")
     check_features(args, meta, model)
 
     preset = evaluation_preset(args, meta, dataset)
@@ -208,19 +210,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    errors: list[type[BaseException]] = [UsageError, DeviceUnavailable]
-    for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError"),
-                         ("text_features", "TextFeaturesError")):
-        with contextlib.suppress(ImportError, AttributeError):
-            errors.append(getattr(__import__(module), name))
     try:
-        main(args)
-    except tuple(errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return run_cli(lambda: main(args))
     finally:
         destroy_distributed()
-    return 0
 
 
 if __name__ == "__main__":

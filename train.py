@@ -12,9 +12,7 @@ and the command line overrides them. See docs/training.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import json
 import os
 import sys
 import time
@@ -23,13 +21,16 @@ from typing import Any
 
 import torch
 import torch.utils.data
+import yaml
 from torch import nn
 
-from models.device import DeviceUnavailable, default_workers, resolve_device
+from cli_shell import HelpFormatter, UserError, differences, non_negative_int, run_cli
+from models.device import default_workers, resolve_device
+from resilience.storage import write_json
 from training import config as cfg
 from training.distributed import barrier, destroy_distributed, init_distributed_mode, is_main_process
 from training.ema import ModelEMA, ema_decay
-from training.engine import TrainingError, TrainOptions, evaluate, train_one_epoch
+from training.engine import TrainOptions, evaluate, train_one_epoch
 from training.mixup import build_mix_collate
 from training.optim import (
     OPTIMIZERS,
@@ -46,15 +47,11 @@ from training.seeding import make_generator, seed_everything, seed_worker
 HEADS = ("linear", "text")
 
 
-class UsageError(Exception):
-    """Bad user input that the CLI reports as one line."""
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a baseline or text-guided image classifier",
         add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "-c", "--config", action="append", default=[], metavar="FILE",
@@ -134,10 +131,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = parser.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="where checkpoints and logs go (default: runs/<dataset>_<model>_<head>)")
     g.add_argument("--resume", default="", help="checkpoint to resume from; 'auto' = <output-dir>/checkpoint.pth if present")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (without it, such a folder is refused)")
     g.add_argument("--start-epoch", type=int, default=0, metavar="N")
     g.add_argument("--test-only", action="store_true", help="only evaluate (the --resume checkpoint, or the initial weights)")
     g.add_argument("--save-every", type=int, default=1, help="also keep model_<epoch>.pth every N epochs (0: never)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--use-deterministic-algorithms", action="store_true", help="deterministic kernels only")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--print-freq", type=int, default=100, help="iterations between log lines")
@@ -274,13 +273,13 @@ def load_features(args: argparse.Namespace, num_classes: int) -> tuple[torch.Ten
 
     path = Path(args.text_features)
     if not path.is_file():
-        raise UsageError(f"text features file not found: {path}")
+        raise UserError(f"text features file not found: {path}")
     feats, meta = text_features.load_text_features(path)
     rows, width = feats.shape
     if args.embed_dim is not None and args.embed_dim != width:
-        raise UsageError(f"--embed-dim {args.embed_dim} does not match the width {width} of the features in {path}")
+        raise UserError(f"--embed-dim {args.embed_dim} does not match the width {width} of the features in {path}")
     if rows != num_classes:
-        raise UsageError(f"{path} has {rows} class rows but {args.dataset} has {num_classes} classes")
+        raise UserError(f"{path} has {rows} class rows but {args.dataset} has {num_classes} classes")
     args.embed_dim = width
     meta = dict(meta or {})
     meta.setdefault("path", str(path))
@@ -309,22 +308,46 @@ def save_effective_config(args: argparse.Namespace, path: Path) -> None:
     if args.scale_lr:
         lr = cfg.scaled_lr(args.lr, total, args.lr_base_batch)
         lines.append(f"--scale-lr: lr used = {args.lr:g} x {total} / {args.lr_base_batch} = {lr:g}")
-    cfg.save_config(args, path, keys=cfg.option_names(get_args_parser()), header="\n".join(lines))
+    keys = [k for k in cfg.option_names(get_args_parser()) if k not in ("overwrite", "resume")]
+    cfg.save_config(args, path, keys=keys, header="\n".join(lines))
+
+
+# options that change where and how a run executes, not what it computes
+RUN_ONLY_OPTIONS = frozenset({"output_dir", "resume", "start_epoch", "test_only", "overwrite", "workers", "device",
+                              "print_freq", "tensorboard", "dist_url", "dist_backend", "world_size"})
+RUN_FILES = ("args.yaml", "checkpoint.pth", "metrics.csv", "final_metrics.json")
+
+
+def claim_output_dir(args: argparse.Namespace, output_dir: Path) -> None:
+    """Refuse a folder that already holds a run unless ``--resume`` continues it or ``--overwrite`` replaces it."""
+    if args.resume or args.test_only or not any((output_dir / name).is_file() for name in RUN_FILES):
+        return
+    if args.overwrite:
+        for path in [*(output_dir / name for name in RUN_FILES), *output_dir.glob("model_*.pth")]:
+            path.unlink(missing_ok=True)
+        return
+    stored_path = output_dir / "args.yaml"
+    stored = (yaml.safe_load(stored_path.read_text(encoding="utf-8")) if stored_path.is_file() else None) or {}
+    current = cfg.args_to_dict(args)
+    differs = differences(stored, {k: current.get(k) for k in stored}, skip=RUN_ONLY_OPTIONS)
+    held = f"a run with other options ({differs})" if differs else "a run"
+    raise UserError(f"{output_dir} already holds {held}; continue it with --resume auto, replace it with "
+                    f"--overwrite, or choose another --output-dir")
 
 
 def load_resume_state(path: str) -> dict[str, Any]:
     """A training checkpoint written by this script (plain tensors and dicts only)."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"checkpoint not found: {p}")
+        raise UserError(f"checkpoint not found: {p}")
     try:
         # the paper's training checkpoints keep their arguments in an argparse.Namespace
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many classes
-        raise UsageError(f"cannot read {p} as a training checkpoint: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot read {p} as a training checkpoint: {str(exc).splitlines()[0]}") from exc
     if not isinstance(state, dict) or "model" not in state:
-        raise UsageError(f"{p} is not a training checkpoint (no 'model' entry)")
+        raise UserError(f"{p} is not a training checkpoint (no 'model' entry)")
     return state
 
 
@@ -343,9 +366,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed, args.rank, args.use_deterministic_algorithms)
 
     if args.dataset not in data.DATASETS:
-        raise UsageError(f"unknown dataset {args.dataset!r} (choose from {', '.join(data.DATASETS)})")
+        raise UserError(f"unknown dataset {args.dataset!r} (choose from {', '.join(data.DATASETS)})")
     if args.model not in models.list_models():
-        raise UsageError(f"unknown model {args.model!r} (see models.list_models())")
+        raise UserError(f"unknown model {args.model!r} (see models.list_models())")
     num_classes = data.num_classes(args.dataset)
     features, features_meta = load_features(args, num_classes)
     preset = eval_preset_for(args)
@@ -353,6 +376,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.in_chans = int(preset.get("channels", data.dataset_channels(args.dataset)))
 
     output_dir = Path(args.output_dir)
+    if is_main_process():
+        claim_output_dir(args, output_dir)
     if args.resume == "auto":
         candidate = output_dir / "checkpoint.pth"
         args.resume = str(candidate) if candidate.is_file() else ""
@@ -382,7 +407,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             pretrained=args.weights,
         )
     except ValueError as exc:  # bad option values (augment policy, small-input support, ...) as one line
-        raise UsageError(str(exc).splitlines()[0]) from exc
+        raise UserError(str(exc).splitlines()[0]) from exc
     model.to(device)
     if args.distributed and args.sync_bn:
         if device.type == "cuda":
@@ -410,7 +435,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             model_without_ddp.load_state_dict(resume_state["model"])
         except RuntimeError as exc:
             reason = str(exc).splitlines()[0]
-            raise UsageError(f"{args.resume} does not fit {args.model} with a {args.head} head: {reason}") from exc
+            raise UserError(f"{args.resume} does not fit {args.model} with a {args.head} head: {reason}") from exc
         if model_ema is not None and "model_ema" in resume_state:
             model_ema.load_state_dict(resume_state["model_ema"])
         if not args.test_only:
@@ -494,9 +519,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     log(f"training time {datetime.timedelta(seconds=int(total))}")
     if show and result:
         summary = {"train_time_s": total, **{f"test_{k}": v for k, v in result.items()}}
-        tmp = output_dir / f".final_metrics.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, output_dir / "final_metrics.json")
+        write_json(output_dir / "final_metrics.json", summary)
     return result
 
 
@@ -505,29 +528,12 @@ def format_eval(result: dict[str, Any], prefix: str = "") -> str:
             f"top2diff {result['top2diff']:.2f}  ({result['n']} images)")
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes that describe bad input in one line (printed without a traceback)."""
-    errors: list[type[BaseException]] = [UsageError, TrainingError, cfg.ConfigError, DeviceUnavailable]
-    for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError"),
-                         ("text_features", "TextFeaturesError")):
-        with contextlib.suppress(ImportError, AttributeError):
-            errors.append(getattr(__import__(module), name))
-    return tuple(errors)
-
-
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        main(args)
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return run_cli(lambda: main(args))
     finally:
         destroy_distributed()
-    return 0
 
 
 if __name__ == "__main__":

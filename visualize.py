@@ -40,7 +40,6 @@ from analysis.cam_figure import render_grid
 from analysis.faults_for_cam import (
     HEAD_RULES,
     FaultSpec,
-    FaultSpecError,
     ModelFaults,
     NeuronFault,
     RandomFlips,
@@ -48,9 +47,11 @@ from analysis.faults_for_cam import (
     fault_list_row,
     pair_faults,
 )
+from cli_shell import HelpFormatter, non_negative_int, positive_int, run_cli
+from models.checkpoint import require_head
 from resilience.storage import atomic_write, write_json
 from resilience.weights.fault_list import FaultList, parse_index, write_fault_list
-from resilience.weights.faults import WeightFault, WeightFaultError
+from resilience.weights.faults import WeightFault
 
 KEYS = ("baseline", "text")
 HEAD_OF = {"baseline": "linear", "text": "text"}
@@ -74,7 +75,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Options of the CAM comparison."""
     parser = argparse.ArgumentParser(
-        prog="visualize.py", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="visualize.py", add_help=add_help, formatter_class=HelpFormatter,
         description="Ablation-CAM of a baseline and a text-guided model before and after the same faults: "
                     "grid PNG, per-image CSV (CAM cosine, flipped prediction) and JSON summary.",
     )
@@ -104,7 +105,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                       help="flip of one output element (flat index per image) of a conv/linear layer")
     kind.add_argument("--fault-list", metavar="CSV", help="a dnn-benchmarks fault list; the row is --injection")
     g.add_argument("--injection", type=int, default=None, metavar="ID", help="Injection id of the --fault-list row")
-    g.add_argument("--seed", type=int, default=0, help="seed of --flips")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of --flips")
     g.add_argument("--head-rule", choices=HEAD_RULES, default="density",
                    help="flips in the text model's own head: same per-bit density, or the baseline head's count")
     g.add_argument("--bits", type=parse_bits, default=None, metavar="SPEC",
@@ -115,9 +116,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="CAM layer in the baseline's naming (default: the family's last stage, e.g. layer3)")
     g.add_argument("--cam-class", choices=CAM_CLASSES, default="predicted",
                    help="class the faulty CAM explains: its own top-1, or the clean model's top-1")
-    g.add_argument("--cam-batch-size", type=int, default=32, help="ablated copies per forward pass")
+    g.add_argument("--cam-batch-size", type=positive_int, default=32, help="ablated copies per forward pass")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -128,8 +129,7 @@ def load_pair(args: argparse.Namespace) -> list[tuple[torch.nn.Module, dict[str,
     for key in KEYS:
         model, meta = models.load_checkpoint(getattr(args, key), model_name=args.model, dataset=args.dataset,
                                              allow_unsafe=args.allow_unsafe, map_location=args.device)
-        if meta["head"] != HEAD_OF[key]:
-            raise CamError(f"--{key} {getattr(args, key)} has a {meta['head']} head; --{key} needs a {HEAD_OF[key]} head")
+        require_head(meta, HEAD_OF[key], f"--{key}", getattr(args, key))
         pair.append((model, dict(meta)))
     if pair[0][1]["num_classes"] != pair[1][1]["num_classes"]:
         raise CamError(f"the checkpoints have {pair[0][1]['num_classes']} and {pair[1][1]['num_classes']} classes")
@@ -252,20 +252,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that describe bad input in one line (printed without a traceback)."""
-    return CamError, FaultSpecError, WeightFaultError, data.DatasetUnavailable, models.CheckpointError
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run, and turn bad input into one ``error:`` line and exit code 2."""
     args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: main(args))
 
 
 if __name__ == "__main__":

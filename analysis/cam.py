@@ -22,6 +22,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from analysis.faults_for_cam import backbone_prefix, canonical_name
+from cli_shell import UserError
 from models import get_model_spec
 
 # The module whose output is the last stage's feature map, per registry family.
@@ -39,7 +40,7 @@ _CHANNELS_LAST_FAMILIES = frozenset({"swin_v2"})
 LAYOUTS: tuple[str, ...] = ("nchw", "nhwc", "tokens")
 
 
-class CamError(ValueError):
+class CamError(UserError, ValueError):
     """A CAM request that does not fit the model (one-line message)."""
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cli_shell import UserError
 from models import TextGuidedClassifier, last_layer_names
 from resilience.bitflip import flip_bits
 from resilience.layers import LayerInfo, discover_layers
@@ -50,7 +51,7 @@ from resilience.weights.faults import (
 HEAD_RULES: tuple[str, ...] = ("density", "count")
 
 
-class FaultSpecError(ValueError):
+class FaultSpecError(UserError, ValueError):
     """A fault specification that does not fit the model pair (one-line message)."""
 
 

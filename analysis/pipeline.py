@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli_shell import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-class StepFailed(RuntimeError):
+class StepFailed(UserError, RuntimeError):
     """A step's command exited with an error."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torchvision.datasets as tvd
 
+from cli_shell import UserError
 from data.catalog import get_spec
 from data.classnames import imagenet_wnids, label_names
 from data.presets import check_eval_preset, eval_preset, train_preset
@@ -42,7 +43,7 @@ _BY_HAND = {
 }
 
 
-class DatasetUnavailable(Exception):
+class DatasetUnavailable(UserError):
     """The dataset's files are missing and could not be fetched; the message says where to put them."""
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cli_shell import UserError
+
 from .registry import build_model, get_model_spec, list_models
 
 CHECKPOINT_FORMAT = "tgr-checkpoint/1"
@@ -34,7 +36,7 @@ REQUIRED_META = ("model", "num_classes", "head")
 _PLAIN_SCALARS = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the requested model (one-line message)."""
 
 
@@ -118,6 +120,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _read(path: Path, allow_unsafe: bool, map_location: Any) -> Any:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither a zip archive (torch.save) nor a legacy pickle
+        raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (it starts with {head!r})")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -338,7 +344,7 @@ def load_checkpoint(
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint {'is a folder, not a file' if path.is_dir() else 'not found'}: {path}")
     raw = _read(path, allow_unsafe, map_location)
     layout, state, info = _unpack(raw, use_ema, path)
     if layout == "tgr":
@@ -375,3 +381,9 @@ def load_checkpoint(
     meta["checkpoint_sha256"] = sha256_file(path)
     meta["ema"] = use_ema
     return model.eval(), meta
+
+
+def require_head(meta: Mapping[str, Any], head: str, option: str, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint given for ``option`` (e.g. ``--text``) whose classifier head is not ``head``."""
+    if meta.get("head") != head:
+        raise CheckpointError(f"{option} {path} has a {meta.get('head')} head; {option} needs a {head} head")

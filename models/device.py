@@ -6,8 +6,10 @@ import os
 
 import torch
 
+from cli_shell import UserError
 
-class DeviceUnavailable(ValueError):
+
+class DeviceUnavailable(UserError, ValueError):
     """The requested device does not exist on this machine."""
 
 
@@ -20,7 +22,10 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
             raise DeviceUnavailable(f"--device {name} requested but CUDA is not available (use --device cpu)")
         if name == "cuda" and local_rank is not None:
             name = f"cuda:{local_rank}"
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DeviceUnavailable(f"unknown --device {name!r} (use cpu, cuda, cuda:N or auto)") from None
 
 
 def default_workers(cap: int = 4) -> int:

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from cli_shell import UserError
 from resilience.bitflip import NumberFormat, get_format
 from resilience.engines import get_engine
 from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
@@ -33,7 +33,16 @@ from resilience.golden import Golden
 from resilience.layers import LayerInfo, select_layers
 from resilience.metrics import CONFIDENCE, LayerStats, score_faults, summarize
 from resilience.sampling import leveugle_n, sample_sites
-from resilience.storage import read_json, remove_stale_temporaries, write_json, write_parquet, write_text
+from resilience.storage import (
+    read_json,
+    read_part,
+    record_key,
+    remove_stale_temporaries,
+    write_json,
+    write_parquet,
+    write_part,
+    write_text,
+)
 
 CAMPAIGN_FORMAT = "tgr-neuron-campaign/1"
 FAULT_MODEL = "neuron-bitflip-transient"
@@ -61,7 +70,7 @@ FAULT_SCHEMA = pa.schema(
 )
 
 
-class CampaignError(Exception):
+class CampaignError(UserError):
     """A campaign cannot run or be assembled as asked (one-line message)."""
 
 
@@ -195,6 +204,7 @@ class CampaignDir:
         self.record = record
         self.config = CampaignConfig(**record["config"])
         self.plans = [LayerPlan.from_dict(d) for d in record["plan"]]
+        self.key = campaign_key(record)
 
     @classmethod
     def create(cls, out: Path, record: dict[str, Any]) -> CampaignDir:
@@ -245,6 +255,21 @@ class CampaignDir:
     def missing(self) -> list[Unit]:
         """Chunks not finished yet."""
         return [unit for unit in self.units() if not self.is_done(unit)]
+
+    def read_part(self, unit: Unit) -> pa.Table:
+        """A finished chunk, checked to belong to this campaign and to be intact."""
+        return read_part(self.part_path(unit), self.key, FAULT_SCHEMA)
+
+    def verify_parts(self) -> None:
+        """Check every finished chunk before it is trusted (resume, merge); PartError names a bad file."""
+        for unit in self.units():
+            if self.is_done(unit):
+                self.read_part(unit)
+
+
+def campaign_key(record: dict[str, Any]) -> str:
+    """The key stamped on a campaign's parts: its record without the provenance (which shards may vary)."""
+    return record_key({k: v for k, v in record.items() if k != "provenance"})
 
 
 def shard_units(units: Sequence[Unit], shard: tuple[int, int]) -> list[Unit]:
@@ -313,7 +338,7 @@ def run_units(
             for unit in todo:
                 chunk = sites.slice(unit.start, unit.stop)
                 result = engine.run(plan.info(), chunk, source)
-                write_parquet(cdir.part_path(unit), chunk_table(plan, unit, chunk, result, golden))
+                write_part(cdir.part_path(unit), chunk_table(plan, unit, chunk, result, golden), cdir.key)
                 stats.faults += len(chunk)
                 bar.update(len(chunk))
                 if after_chunk is not None:
@@ -392,7 +417,7 @@ def layers_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any], tit
 
 def read_faults(cdir: CampaignDir) -> pa.Table:
     """All finished chunks in (layer, chunk) order."""
-    return pa.concat_tables([pq.read_table(cdir.part_path(unit), schema=FAULT_SCHEMA) for unit in cdir.units()])
+    return pa.concat_tables([cdir.read_part(unit) for unit in cdir.units()])
 
 
 def assemble(cdir: CampaignDir) -> dict[str, Any]:
@@ -434,6 +459,7 @@ def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
             raise CampaignError(f"{cdir.out} holds a different campaign than {target.out}")
         for unit in cdir.units():
             if cdir.is_done(unit) and not target.is_done(unit):
+                read_part(cdir.part_path(unit), target.key, FAULT_SCHEMA)
                 target.parts.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(cdir.part_path(unit), target.part_path(unit))
     return assemble(target)
@@ -530,6 +556,7 @@ def execute(
     plans, clamp, engine = prepare_engine(config, model, layers, golden, clamp_max, device)
     provenance = {**(provenance or {}), "engine": engine.describe()}
     cdir = CampaignDir.create(out, build_record(config, plans, golden, clamp, provenance))
+    cdir.verify_parts()
     if config.injections is None:
         counts = [p.n for p in plans]
         log(f"Leveugle n per layer (margin {config.margin}, confidence {config.confidence}): "

@@ -13,20 +13,31 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli_shell import UserError
 from resilience.figures import pyplot, save_png
 from resilience.improvement_ci import DEFAULT_CONFIDENCE, has_fault_records, improvement_intervals
 from resilience.storage import read_json, write_text
 
 TEXT_PREFIX = "backbone."  # the text model's backbone layers are the baseline's layers under this prefix
 COMPARED = ("dataset", "split", "format", "clamp")  # must agree between the campaigns
+# what else two campaigns must share to measure the same thing: label -> the value read from summary.json
+MEASURED = {
+    "images": lambda s: (s.get("golden", {}).get("evaluated_images"), s.get("config", {}).get("max_images"),
+                         s.get("config", {}).get("golden")),
+    "sampling": lambda s: s.get("stratified") or "uniform",
+    "injections per layer": lambda s: (s.get("config", {}).get("injections"), s.get("config", {}).get("margin")),
+    "fault model": lambda s: s.get("fault_model"),
+    "arithmetic": lambda s: (s.get("format"), s.get("config", {}).get("profile_images"), s.get("arithmetic")),
+}
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """The campaigns cannot be compared as asked (one-line message)."""
 
 
@@ -59,6 +70,24 @@ class CampaignResult:
     def delta_loss(self) -> float:
         """Network-level ΔLoss."""
         return float(self.summary["network"]["delta_loss"])
+
+    def label(self, name: str) -> str:
+        """A layer's name as the baseline calls it (the text model's backbone prefix removed)."""
+        return name.removeprefix(TEXT_PREFIX)
+
+    def body_layers(self) -> set[str]:
+        """Labels of the injected layers before the last layer(s)."""
+        last = set(self.summary.get("last_layers", []))
+        return {self.label(r["layer"]) for r in self.layers if r["layer"] not in last}
+
+    def restricted(self, pattern: str) -> CampaignResult:
+        """This campaign with only the layers whose label matches ``pattern`` (plus its last layers);
+        the network-level ΔLoss becomes the mean over those layers."""
+        last = set(self.summary.get("last_layers", []))
+        rows = [r for r in self.layers if r["layer"] in last or re.search(pattern, self.label(r["layer"]))]
+        losses = [r["mean_delta_loss"] for r in rows if not math.isnan(r["mean_delta_loss"])]
+        network = {**self.summary["network"], "delta_loss": sum(losses) / len(losses) if losses else math.nan}
+        return CampaignResult(self.path, {**self.summary, "network": network}, rows)
 
 
 def _typed(row: dict[str, str]) -> dict[str, Any]:
@@ -93,12 +122,27 @@ def _check_comparable(base: CampaignResult, text: CampaignResult, fused: Campaig
                     f"{base.path} and {other.path} differ in {key}: "
                     f"{base.summary.get(key)!r} vs {other.summary.get(key)!r}"
                 )
+        for label, value in MEASURED.items():
+            if value(base.summary) != value(other.summary):
+                raise ReportError(f"{base.path} and {other.path} differ in {label}: "
+                                  f"{value(base.summary)!r} vs {value(other.summary)!r}")
+        only_base, only_other = base.body_layers() - other.body_layers(), other.body_layers() - base.body_layers()
+        if only_base or only_other:
+            raise ReportError(
+                f"{base.path} and {other.path} inject different layers (only in the first: "
+                f"{_names(only_base)}; only in the second: {_names(only_other)}); give --layers REGEX to compare "
+                "the layers both injected")
     if len(base.summary["last_layers"]) != 1:
         raise ReportError(f"{base.path} is not a baseline campaign (last layers {base.summary['last_layers']})")
     if len(text.summary["last_layers"]) != 2:
         raise ReportError(f"{text.path} is not a text-guided campaign (last layers {text.summary['last_layers']})")
     if fused is not None and not fused.summary.get("fused_text_head"):
         raise ReportError(f"{fused.path} was not run with --fuse-text-head")
+
+
+def _names(labels: set[str], shown: int = 3) -> str:
+    ordered = sorted(labels)
+    return ", ".join(ordered[:shown]) + (f" and {len(ordered) - shown} more" if len(ordered) > shown else "") or "none"
 
 
 def table1_row(base: CampaignResult, text: CampaignResult, fused: CampaignResult | None = None) -> dict[str, Any]:
@@ -240,11 +284,21 @@ def plot_layers(aligned: Sequence[tuple[str, dict | None, dict | None]], path: P
     return save_png(fig, path, dpi=120)
 
 
-def compare(base_dir: Path, text_dir: Path, out: Path, fused_dir: Path | None = None) -> dict[str, Any]:
-    """Write table1.csv, table1.md, layers_compared.csv and delta_loss_per_layer.png into ``out``."""
-    base, text = CampaignResult.load(base_dir), CampaignResult.load(text_dir)
-    fused = CampaignResult.load(fused_dir) if fused_dir else None
+def compare(base_dir: Path, text_dir: Path, out: Path, fused_dir: Path | None = None,
+            layers: str | None = None) -> dict[str, Any]:
+    """Write table1.csv, table1.md, layers_compared.csv and delta_loss_per_layer.png into ``out``.
+
+    ``layers`` (a regex over the baseline's layer names) restricts the comparison to the layers it
+    matches, for campaigns that injected different layer subsets; the last layers are always compared.
+    """
+    results = [CampaignResult.load(d) if d else None for d in (base_dir, text_dir, fused_dir)]
+    if layers is not None:
+        results = [r.restricted(layers) if r else None for r in results]
+    base, text, fused = results
+    assert base is not None and text is not None
     row = table1_row(base, text, fused)
+    if layers is not None:  # the bootstrap resamples every layer's faults: no interval for a subset
+        row["overall_improvement_ci_low"] = row["overall_improvement_ci_high"] = math.nan
     out = Path(out)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(row), lineterminator="\n")

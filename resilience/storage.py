@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -11,6 +12,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cli_shell import UserError
+
+PART_KEY = b"tgr.campaign_key"  # schema metadata of a part: the campaign it belongs to ...
+PART_SHA256 = b"tgr.sha256"  # ... and a checksum of its rows
+
+
+class PartError(UserError):
+    """A persisted part belongs to another campaign or is damaged (the message names the file)."""
 
 
 def _file_mode() -> int:
@@ -63,6 +73,45 @@ def write_parquet(path: Path, table: pa.Table) -> Path:
     """
     table = table.combine_chunks()
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=True))
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """A short hash of a JSON-able campaign record (equal records, equal keys)."""
+    text = json.dumps(record, sort_keys=True, allow_nan=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def table_sha256(table: pa.Table) -> str:
+    """SHA-256 of a table's rows and schema (Arrow IPC bytes, independent of how it is chunked)."""
+    table = table.replace_schema_metadata(None).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def write_part(path: Path, table: pa.Table, key: str) -> Path:
+    """Write a campaign part atomically, stamped with the campaign ``key`` and a checksum of its rows."""
+    metadata = {PART_KEY: key.encode("ascii"), PART_SHA256: table_sha256(table).encode("ascii")}
+    return write_parquet(path, table.replace_schema_metadata(metadata))
+
+
+def read_part(path: Path, key: str, schema: pa.Schema) -> pa.Table:
+    """A part written by :func:`write_part` for campaign ``key``, checked; PartError names a foreign or damaged file."""
+    redo = "delete it and rerun the same command to redo it"
+    try:
+        table = pq.read_table(path)
+        metadata = table.schema.metadata or {}
+        table = table.replace_schema_metadata(None).cast(schema)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise PartError(f"{path} is damaged (corrupt or truncated: {str(exc).splitlines()[0]}); {redo}") from None
+    found = metadata.get(PART_KEY, b"").decode("ascii", "replace")
+    if found != key:
+        raise PartError(f"{path} belongs to another campaign (key {found or 'missing'}, this campaign {key}); "
+                        "remove it, or run that campaign in its own folder")
+    if metadata.get(PART_SHA256, b"").decode("ascii", "replace") != table_sha256(table):
+        raise PartError(f"{path} is damaged (its rows do not match its checksum); {redo}")
+    return table
 
 
 def remove_stale_temporaries(folder: Path) -> None:

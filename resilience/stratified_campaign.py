@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -46,6 +45,7 @@ from resilience.campaign import (
     RunStats,
     Unit,
     build_record,
+    campaign_key,
     chunk_table,
     network_level,
     prepare_engine,
@@ -55,7 +55,15 @@ from resilience.engines.base import Engine, FaultSites, ImageSource
 from resilience.golden import Golden
 from resilience.layers import LayerInfo
 from resilience.metrics import CONFIDENCE
-from resilience.storage import read_json, remove_stale_temporaries, write_json, write_parquet, write_text
+from resilience.storage import (
+    read_json,
+    read_part,
+    remove_stale_temporaries,
+    write_json,
+    write_parquet,
+    write_part,
+    write_text,
+)
 
 STRATIFIED_FORMAT = "tgr-stratified-campaign/1"
 SAMPLINGS = ("uniform", "stratified")
@@ -152,9 +160,10 @@ class LayerRounds:
     def __init__(
         self, out: Path, position: int, plan: LayerPlan, strata: Sequence[st.Stratum],
         engine: Engine, golden: Golden, source: ImageSource, chunk_size: int,
-        after_chunk: Callable[[int], None] | None = None,
+        after_chunk: Callable[[int], None] | None = None, key: str = "",
     ) -> None:
         self.out, self.position, self.plan, self.strata = Path(out), position, plan, list(strata)
+        self.key = key  # the campaign key stamped on (and checked in) every part
         self.engine, self.golden, self.source, self.chunk_size = engine, golden, source, chunk_size
         self.after_chunk = after_chunk  # called with the number of faults of each chunk evaluated or read back
         self._round = 0
@@ -173,7 +182,7 @@ class LayerRounds:
         for chunk, begin in enumerate(range(0, len(sites), self.chunk_size)):
             part, path = sites.slice(begin, begin + self.chunk_size), self.path(self._round, chunk)
             if path.is_file():
-                table = pq.read_table(path, schema=FAULT_SCHEMA)
+                table = read_part(path, self.key, FAULT_SCHEMA)
                 if not st.same_sites(sites_of(table, self.plan.name), part):
                     raise CampaignError(f"{path} does not match the arguments of this run; use another --out")
                 self.loaded += table.num_rows
@@ -182,7 +191,7 @@ class LayerRounds:
                 start = self._offset + begin
                 table = chunk_table(self.plan, Unit(self.position, chunk, start, start + len(part)), part, result,
                                     self.golden)
-                write_parquet(path, table)
+                write_part(path, table, self.key)
             tables.append(table)
             if self.after_chunk is not None:
                 self.after_chunk(table.num_rows)
@@ -195,7 +204,8 @@ class LayerRounds:
             raise RuntimeError("save() must follow evaluate() of the same round")
         names = pa.array([self.strata[b].name for b in record.stratum], pa.string())
         rounds = pa.array(np.full(len(record.sites), record.index, dtype=np.int32))
-        write_parquet(self.path(record.index), self._pending.append_column("stratum", names).append_column("round", rounds))
+        write_part(self.path(record.index), self._pending.append_column("stratum", names).append_column("round", rounds),
+                   self.key)
         for chunk in range(math.ceil(len(record.sites) / self.chunk_size)):
             self.path(record.index, chunk).unlink(missing_ok=True)
         self._pending = None
@@ -207,7 +217,7 @@ class LayerRounds:
         path = self.path(round_index)
         if not path.is_file():
             return None
-        table = pq.read_table(path, schema=ROUND_SCHEMA)
+        table = read_part(path, self.key, ROUND_SCHEMA)
         index = {s.name: b for b, s in enumerate(self.strata)}
         labels = np.array([index.get(name, -1) for name in table.column("stratum").to_pylist()], dtype=np.int64)
         self._offset += table.num_rows
@@ -278,6 +288,7 @@ class StratifiedCampaign:
     engine: Engine
     golden: Golden
     source: ImageSource
+    key: str  # stamped on every part (campaign.campaign_key)
     results: dict[str, st.StratifiedResult] = field(default_factory=dict)  # layers run by this process
 
     def run_layer(self, position: int, *, progress: bool = True, desc: str = "") -> tuple[st.StratifiedResult, int]:
@@ -298,7 +309,7 @@ class StratifiedCampaign:
                 bar.set_postfix_str(f"ΔLoss {estimate.value:.4g} ±{100 * rel:.1f}%")
 
             rounds = LayerRounds(self.out, position, plan, strata, self.engine, self.golden, self.source,
-                                 self.config.chunk_size, after_chunk=bar.update)
+                                 self.config.chunk_size, after_chunk=bar.update, key=self.key)
             result = st.run_adaptive(plan.name, strata, st.stratum_weights(strata, fmt), draw, rounds.evaluate,
                                      self.adaptive, rounds, on_round)
         write_json(
@@ -356,7 +367,8 @@ def execute_stratified(
     record = build_record(config, plans, golden, clamp, {**(provenance or {}), "engine": engine.describe()})
     record |= {"format": STRATIFIED_FORMAT, "stratified": stratified_record(adaptive, grouping)}
     open_folder(out, record)
-    campaign = StratifiedCampaign(Path(out), config, adaptive, grouping, plans, engine, golden, source)
+    campaign = StratifiedCampaign(Path(out), config, adaptive, grouping, plans, engine, golden, source,
+                                  campaign_key(record))
     return campaign, campaign.run(shard, progress=progress)
 
 
@@ -375,8 +387,9 @@ def _read_layer(out: Path, position: int) -> dict[str, Any]:
 
 def layer_faults(out: Path, position: int, finished: dict[str, Any]) -> pa.Table:
     """The fault records of a finished layer in round order, with their design weights W_b·n/n_b."""
+    key = campaign_key(read_json(Path(out) / "campaign.json"))
     parts = [
-        pq.read_table(Path(out) / "parts" / f"{position:04d}-r{r:04d}.parquet", schema=ROUND_SCHEMA)
+        read_part(Path(out) / "parts" / f"{position:04d}-r{r:04d}.parquet", key, ROUND_SCHEMA)
         for r in range(finished["row"]["rounds"])
     ]
     table = pa.concat_tables(parts)
@@ -486,6 +499,7 @@ def merge_stratified(sources: Sequence[Path], out: Path) -> dict[str, Any]:
                 continue
             for r in range(read_json(done)["row"]["rounds"]):
                 name = f"{position:04d}-r{r:04d}.parquet"
+                read_part(Path(src) / "parts" / name, campaign_key(record), ROUND_SCHEMA)
                 (Path(out) / "parts").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(src) / "parts" / name, Path(out) / "parts" / name)
             write_json(Path(out) / "layers" / done.name, read_json(done))

@@ -26,11 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cli_shell import UserError, run_cli  # noqa: E402
 from models.device import resolve_device  # noqa: E402
 from resilience.weights.cli import (  # noqa: E402
-    UsageError,
     add_model_arguments,
-    cli_errors,
     evaluation_preset,
     format_bit_rates,
     load_model,
@@ -80,7 +79,7 @@ def main(args: argparse.Namespace) -> dict:
     model, meta = load_model(args, args.dataset)
     dataset = args.dataset or meta.get("dataset")
     if dataset not in data.DATASETS:
-        raise UsageError(f"give --dataset (one of {', '.join(data.DATASETS)})")
+        raise UserError(f"give --dataset (one of {', '.join(data.DATASETS)})")
     full = read_fault_list(args.fault_list)
     validate_fault_list(model, full)
     k = min(args.limit_faults, len(full))
@@ -144,8 +143,4 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except cli_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(lambda: main(args)))

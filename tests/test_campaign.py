@@ -291,7 +291,7 @@ def test_cli_end_to_end(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.Ca
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--injections", "0"], "--injections must be at least 1"),
+    (["--injections", "0"], "argument --injections: must be at least 1 (got 0)"),
     (["--layers", "nothing-matches"], "no layer matches"),
     (["--chunk-size", "6", "--batch-size", "4"], "multiple of --batch-size"),
 ])
@@ -301,9 +301,13 @@ def test_cli_bad_input(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.Cap
 
     argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--max-images", "8", "--no-progress",
             "-j", "0", "--device", "cpu", *extra]
-    assert inject.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    try:
+        code = inject.main(argv)
+    except SystemExit as exc:  # argparse refuses bad values after its usage line
+        code = exc.code
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0]
 
 
 def test_cli_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

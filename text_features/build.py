@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from cli_shell import positive_int, run_cli
+
 from .classes import class_names_for
 from .encoders import DEFAULT_ENCODER, encoder_embed_dim
-from .errors import TextFeaturesError
 from .features import VARIANTS, build_text_features, save_text_features
 
 
@@ -42,9 +43,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                    help='classname variant: template(s) with {} (default "a photo of a {}"; repeatable)')
     p.add_argument("--seed", type=int, default=0, help="random variant: seed (default %(default)s)")
-    p.add_argument("--embed-dim", type=int, default=None,
+    p.add_argument("--embed-dim", type=positive_int, default=None,
                    help="random variant: width (default: the encoder's, else 512)")
-    p.add_argument("--batch-size", type=int, default=256, help="texts per encoder batch")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="texts per encoder batch")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -62,30 +63,30 @@ def format_meta(meta: dict[str, Any], max_names: int = 12) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    return run_cli(lambda: build(args))
+
+
+def build(args: argparse.Namespace) -> None:
+    """Build and save the features file the parsed options ask for."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    try:
-        names = class_names_for(args.dataset, args.class_names)
-        if args.variant == "random":
-            # No encoder is loaded: the width comes from --embed-dim, else the encoder's, else 512.
-            encoder = args.encoder
-            embed_dim = args.embed_dim or (encoder_embed_dim(args.encoder) if args.encoder else None) or 512
-        else:
-            encoder, embed_dim = args.encoder or DEFAULT_ENCODER, args.embed_dim
-        feats, meta = build_text_features(
-            names, args.variant, encoder=encoder, device=device, descriptions=args.descriptions,
-            templates=args.templates, match_by=args.match_by, embed_dim=embed_dim, seed=args.seed,
-            dataset=args.dataset, batch_size=args.batch_size, progress=not args.no_progress,
-        )
-        save_text_features(args.out, feats, meta)
-    except TextFeaturesError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    names = class_names_for(args.dataset, args.class_names)
+    if args.variant == "random":
+        # No encoder is loaded: the width comes from --embed-dim, else the encoder's, else 512.
+        encoder = args.encoder
+        embed_dim = args.embed_dim or (encoder_embed_dim(args.encoder) if args.encoder else None) or 512
+    else:
+        encoder, embed_dim = args.encoder or DEFAULT_ENCODER, args.embed_dim
+    feats, meta = build_text_features(
+        names, args.variant, encoder=encoder, device=device, descriptions=args.descriptions,
+        templates=args.templates, match_by=args.match_by, embed_dim=embed_dim, seed=args.seed,
+        dataset=args.dataset, batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    save_text_features(args.out, feats, meta)
     norms = feats.norm(dim=1)
     print(format_meta(meta))
     print(f"wrote {args.out}: features {list(feats.shape)}, row norms {norms.min():.4f}..{norms.max():.4f} "
           f"({time.perf_counter() - start:.1f}s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ def read_class_names(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise TextFeaturesError(f"class-names file not found: {path}")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TextFeaturesError(f"class-names file {path} is not UTF-8 text (byte {exc.start})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise TextFeaturesError(f"class-names file {path} is empty")
     return names

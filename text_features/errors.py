@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from cli_shell import UserError
 
-class TextFeaturesError(Exception):
+
+class TextFeaturesError(UserError):
     """Base class: a problem the user can fix, described in one line."""
 
 

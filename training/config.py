@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
+from cli_shell import UserError
 
-class ConfigError(Exception):
+
+class ConfigError(UserError):
     """A recipe file that cannot be read or names an unknown option."""
 
 
@@ -128,8 +130,11 @@ def save_config(
         values = {k: values[k] for k in keys if k in values}
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(comment + yaml.safe_dump(values, sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(comment + yaml.safe_dump(values, sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

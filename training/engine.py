@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cli_shell import UserError
 from training.ema import ModelEMA
 from training.metrics import EvalAccumulator, TrainAccumulator
 from training.progress import Progress
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN/Inf)."""
 
 

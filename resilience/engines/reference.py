@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cli_shell import UserError
 from resilience.bitflip import clamp_to_profile, flip_bits
 from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
 from resilience.layers import TARGET_TYPES, LayerInfo, discover_layers
@@ -37,7 +38,7 @@ from resilience.layers import TARGET_TYPES, LayerInfo, discover_layers
 PYTORCHFI_MAX_RANK = 4  # batch + dim1..dim3
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """The engine cannot inject into this model or layer as asked."""
 
 

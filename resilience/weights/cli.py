@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.device import DeviceUnavailable, resolve_device
+from cli_shell import HelpFormatter, UserError, differences, non_negative_int, positive_int, run_cli
+from models.device import resolve_device
 from resilience.bitflip import format_of
+from resilience.storage import write_json
 from resilience.weights.fault_list import (
     FaultList,
     generate_fault_list,
@@ -38,17 +40,12 @@ from resilience.weights.fault_list import (
 from resilience.weights.faults import (
     FAULT_MODELS,
     TRANSIENT_FAULT_MODELS,
-    WeightFaultError,
     fault_targets,
     fault_values,
 )
 from resilience.weights.images import DatasetImageSet
 from resilience.weights.report import fault_table, write_outputs
 from resilience.weights.runner import METHODS, compute_golden, run_weight_faults, transient_images
-
-
-class UsageError(Exception):
-    """Bad command-line input, reported as one line."""
 
 
 def wants_weight_faults(argv: Sequence[str]) -> bool:
@@ -69,7 +66,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required:
     g.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint (default: the dataset's)")
     g.add_argument("--head", choices=("linear", "text"), default=None, help="classifier head of foreign checkpoints")
     g.add_argument("--embed-dim", type=int, default=None, help="text-embedding width of foreign text-head checkpoints")
-    g.add_argument("--allow-unsafe", action="store_true", help="full unpickling of old checkpoints you trust")
+    g.add_argument("--allow-unsafe", "--allow-unsafe-checkpoint", dest="allow_unsafe", action="store_true",
+                   help="full unpickling of old checkpoints you trust")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +81,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
 def get_run_parser(add_help: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
     """Options of a weight-fault run."""
     parser = argparse.ArgumentParser(
-        prog=prog, add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, add_help=add_help, formatter_class=HelpFormatter,
         description="Run a dnn-benchmarks weight fault list on a checkpoint: per fault, masked / non-critical / "
                     "critical images and ΔLoss; writes the filled list, summaries and the critical-rate-by-bit plot.",
     )
@@ -91,7 +89,7 @@ def get_run_parser(add_help: bool = True, prog: str | None = None) -> argparse.A
                         help="bit-flip or true stuck-at on a weight bit, permanent for the evaluation set; "
                              "weight-bitflip-transient: the flip lasts one inference (one image per fault)")
     parser.add_argument("--fault-list", required=True, help="fault list CSV in dnn-benchmarks' format")
-    parser.add_argument("--limit-faults", type=int, default=None, metavar="K", help="run the first K faults only")
+    parser.add_argument("--limit-faults", type=positive_int, default=None, metavar="K", help="run the first K faults only")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: runs/weights_<model>_<fault list name>_<fault model>)")
     add_model_arguments(parser, checkpoint_required=True)
@@ -100,21 +98,21 @@ def get_run_parser(add_help: bool = True, prog: str | None = None) -> argparse.A
     g.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
     g.add_argument("--data-path", default=None, help="dataset root (default: data.default_data_root())")
     g.add_argument("--split", default="test", choices=("test", "val", "train"))
-    g.add_argument("--max-images", type=int, default=None, metavar="M", help="evaluate the first M images of the split")
+    g.add_argument("--max-images", type=positive_int, default=None, metavar="M", help="evaluate the first M images of the split")
     g.add_argument("--preset-from", default=None, metavar="DATASET",
                    help="feed the images as DATASET's inputs (its size, channels and mean/std), e.g. Fashion-MNIST "
                         "as CIFAR-10: --dataset fashion-mnist --preset-from cifar10")
-    g.add_argument("-j", "--workers", type=int, default=2, help="data-loading workers")
+    g.add_argument("-j", "--workers", type=non_negative_int, default=2, help="data-loading workers")
     g = parser.add_argument_group("execution")
     g.add_argument("--method", choices=METHODS, default="delta",
                    help="delta: recompute the faulty channel from cached layer inputs and run the rest of the network; "
                         "forward: one full forward pass per fault (the SFI loop)")
-    g.add_argument("--chunk-images", type=int, default=256, help="images whose golden activations are cached at once")
-    g.add_argument("-b", "--batch-size", type=int, default=128, help="rows per forward pass")
+    g.add_argument("--chunk-images", type=positive_int, default=256, help="images whose golden activations are cached at once")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=128, help="rows per forward pass")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's; 1 is faster on a machine busy with other jobs)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the transient model's image choice")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the transient model's image choice")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -122,12 +120,12 @@ def get_run_parser(add_help: bool = True, prog: str | None = None) -> argparse.A
 def get_generate_parser(add_help: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
     """Options of fault-list generation."""
     parser = argparse.ArgumentParser(
-        prog=prog, add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, add_help=add_help, formatter_class=HelpFormatter,
         description="Generate a statistical weight fault list (Leveugle et al., DATE 2009) in dnn-benchmarks' format: "
                     "every conv/linear weight, faults in proportion to parameter count, no duplicate sites.",
     )
     parser.add_argument("--out", required=True, metavar="FILE.csv", help="fault list to write")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--e", type=float, default=0.01, help="error margin")
     parser.add_argument("--t", type=float, default=2.58, help="confidence cut-off (2.58 = 99%%)")
     parser.add_argument("--p", type=float, default=0.5, help="estimated failure probability (0.5 = worst case)")
@@ -144,15 +142,15 @@ def load_model(args: argparse.Namespace, dataset: str | None = None) -> tuple[nn
     num_classes = args.num_classes or (data.num_classes(dataset) if dataset in data.DATASETS else None)
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
-            raise UsageError(f"checkpoint not found: {args.checkpoint}")
+            raise UserError(f"checkpoint not found: {args.checkpoint}")
         model, meta = models.load_checkpoint(args.checkpoint, model_name=args.model, num_classes=num_classes,
                                              head=args.head, embed_dim=args.embed_dim, dataset=dataset,
                                              allow_unsafe=args.allow_unsafe)
         return model.eval(), dict(meta or {})
     if not args.model or not num_classes:
-        raise UsageError("give --checkpoint, or --model and --num-classes")
+        raise UserError("give --checkpoint, or --model and --num-classes")
     if args.model not in models.list_models():
-        raise UsageError(f"unknown model {args.model!r} (see models.list_models())")
+        raise UserError(f"unknown model {args.model!r} (see models.list_models())")
     model = models.build_model(args.model, num_classes, head=args.head or "linear", embed_dim=args.embed_dim or 512)
     return model.eval(), {"model": args.model, "num_classes": num_classes}
 
@@ -164,7 +162,7 @@ def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: s
     model_name, small, chans = meta.get("model"), bool(meta.get("small_input")), meta.get("in_chans")
     if args.preset_from:
         if args.preset_from not in data.DATASETS:
-            raise UsageError(f"unknown --preset-from {args.preset_from!r} (choose from {', '.join(data.DATASETS)})")
+            raise UserError(f"unknown --preset-from {args.preset_from!r} (choose from {', '.join(data.DATASETS)})")
         preset = dict(data.eval_preset(args.preset_from, model_name, small_input=small, in_chans=chans))
         if preset["resize_size"] is None and preset["crop_size"]:
             # another dataset's images: scale them to the size the model saw instead of padding by the crop
@@ -193,19 +191,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run a fault list (options of :func:`get_run_parser`); returns the summary written to summary.json."""
     import data
 
-    if args.limit_faults is not None and args.limit_faults < 1:
-        raise UsageError("--limit-faults must be at least 1")
-    for name in ("max_images", "chunk_images", "batch_size", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model, meta = load_model(args, args.dataset)
     dataset = args.dataset or meta.get("dataset")
     if dataset not in data.DATASETS:
-        raise UsageError(f"give --dataset (one of {', '.join(data.DATASETS)}); the checkpoint names none")
+        raise UserError(f"give --dataset (one of {', '.join(data.DATASETS)}); the checkpoint names none")
     fault_list = read_fault_list(args.fault_list).head(args.limit_faults)
     validate_fault_list(model, fault_list, include_bias=args.include_bias, include_bn=args.include_bn)
     preset = evaluation_preset(args, meta, dataset)
@@ -222,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if previous is not None and previous.get("config") == config:
         print(f"{out}: this run is already complete (summary.json); nothing to do", flush=True)
         return previous
+    claim_out(out, config)
     dataset_obj = data.build_dataset(dataset, split, args.data_path, preset=preset)
     images = DatasetImageSet(dataset_obj, limit=args.max_images, workers=args.workers)
     model.to(device)
@@ -270,6 +263,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def claim_out(out: Path, config: dict[str, Any]) -> None:
+    """Record ``config`` as the owner of ``out`` (run.json); refuse a folder owned by another configuration."""
+    for name in ("run.json", "summary.json"):
+        path = out / name
+        if path.is_file():
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8")).get("config")
+            except (ValueError, AttributeError):
+                raise UserError(f"{path} is unreadable; remove {out} or choose another --out") from None
+            if stored != config:
+                raise UserError(f"{out} holds a weight-fault run with other arguments "
+                                f"({differences(stored or {}, config)}); choose another --out")
+            return
+    write_json(out / "run.json", {"config": config})
+
+
 def _finished_run(out: Path) -> dict[str, Any] | None:
     files = ("summary.json", "fault_list.csv", "faults.csv", "critical_by_bit.png")
     if not all((out / name).is_file() for name in files):
@@ -292,28 +301,10 @@ def generate(args: argparse.Namespace) -> FaultList:
     return fault_list
 
 
-def cli_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions a command line reports as ``error: ...`` (exit code 2)."""
-    errors: list[type[BaseException]] = [UsageError, WeightFaultError, DeviceUnavailable]
-    for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError")):
-        with contextlib.suppress(ImportError, AttributeError):
-            errors.append(getattr(__import__(module), name))
-    return tuple(errors)
-
-
 def cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``inject.py --fault-model weight-...``: parse ``argv``, run, print errors as one line."""
     args = get_run_parser(prog=prog).parse_args(argv)
-    return _guarded(run, args)
-
-
-def _guarded(fn: Any, args: argparse.Namespace) -> int:
-    try:
-        fn(args)
-    except cli_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -321,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "python -m resilience.weights"
     if argv and argv[0] == "generate":
-        return _guarded(generate, get_generate_parser(prog=f"{prog} generate").parse_args(argv[1:]))
+        args = get_generate_parser(prog=f"{prog} generate").parse_args(argv[1:])
+        return run_cli(lambda: generate(args))
     if argv and argv[0] == "run":
         argv = argv[1:]
     elif not argv or argv[0] in ("-h", "--help"):

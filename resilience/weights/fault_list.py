@@ -25,6 +25,7 @@ import numpy as np
 from torch import nn
 
 from resilience.bitflip import format_of
+from resilience.storage import atomic_write
 from resilience.weights.faults import (
     FaultTarget,
     ParameterResolver,
@@ -94,7 +95,18 @@ def read_fault_list(path: str | os.PathLike) -> FaultList:
     path = Path(path)
     if not path.is_file():
         raise FaultListError(f"fault list not found: {path}")
-    with path.open(newline="") as f:
+    try:
+        fault_list = _read_rows(path)
+    except UnicodeDecodeError as exc:
+        raise FaultListError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start})") from None
+    if not fault_list.faults:
+        raise FaultListError(f"{path}: no fault rows (only a header)")
+    _check_unique(fault_list)
+    return fault_list
+
+
+def _read_rows(path: Path) -> FaultList:
+    with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -114,6 +126,8 @@ def read_fault_list(path: str | os.PathLike) -> FaultList:
                 raise FaultListError(f"{path} line {line}: {len(row)} fields, header has {len(header)}")
             try:
                 injection = int(row[col["Injection"]]) if "Injection" in col else len(faults)
+                if injection < 0:
+                    raise ValueError(f"Injection {injection} is negative")
                 layer = row[col["Layer"]].strip()
                 if not layer:
                     raise ValueError("empty Layer")
@@ -131,9 +145,7 @@ def read_fault_list(path: str | os.PathLike) -> FaultList:
             lines.append(line)
     if counts and len(counts) != len(faults):
         raise FaultListError(f"{path}: count columns are filled on some rows only")
-    fault_list = FaultList(faults, injections, np.asarray(counts, dtype=np.int64) if counts else None, lines, str(path))
-    _check_unique(fault_list)
-    return fault_list
+    return FaultList(faults, injections, np.asarray(counts, dtype=np.int64) if counts else None, lines, str(path))
 
 
 def _check_unique(fault_list: FaultList) -> None:
@@ -191,18 +203,18 @@ def write_fault_list(path: str | os.PathLike, fault_list: FaultList, counts: np.
     counts = fault_list.counts if counts is None else np.asarray(counts)
     if counts is not None and counts.shape != (len(fault_list), 4):
         raise ValueError(f"counts must have shape ({len(fault_list)}, 4), not {counts.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(BASE_COLUMNS + (COUNT_COLUMNS if counts is not None else ()))
-        for row, (injection, fault) in enumerate(zip(fault_list.injections, fault_list.faults, strict=True)):
-            cells = [injection, fault.layer, format_index(fault.index), fault.bit]
-            if counts is not None:
-                cells += [int(c) for c in counts[row]]
-            writer.writerow(cells)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(BASE_COLUMNS + (COUNT_COLUMNS if counts is not None else ()))
+            for row, (injection, fault) in enumerate(zip(fault_list.injections, fault_list.faults, strict=True)):
+                cells = [injection, fault.layer, format_index(fault.index), fault.bit]
+                if counts is not None:
+                    cells += [int(c) for c in counts[row]]
+                writer.writerow(cells)
+
+    atomic_write(Path(path), write)
 
 
 def leveugle_sample_size(population: int, e: float = 0.01, t: float = 2.58, p: float = 0.5) -> float:

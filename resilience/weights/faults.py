@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
+from cli_shell import UserError
 from resilience.bitflip import flip_bits, format_of, stuck_at
 
 # Permanent faults hold for the whole evaluation set; the transient flip lasts for one inference.
@@ -26,7 +27,7 @@ TRANSIENT_FAULT_MODELS: tuple[str, ...] = ("weight-bitflip-transient",)
 _NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-class WeightFaultError(ValueError):
+class WeightFaultError(UserError, ValueError):
     """A weight fault or fault model that does not fit the model (one-line message)."""
 
 
