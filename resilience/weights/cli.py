@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from models.device import DeviceUnavailable, resolve_device
+from resilience import arithmetic
 from resilience.bitflip import format_of
 from resilience.weights.fault_list import (
     FaultList,
@@ -116,6 +117,7 @@ def get_run_parser(add_help: bool = True, prog: str | None = None) -> argparse.A
                    help="CPU threads for torch (default: torch's; 1 is faster on a machine busy with other jobs)")
     g.add_argument("--seed", type=int, default=0, help="seed of the transient model's image choice")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    arithmetic.add_arguments(parser)
     return parser
 
 
@@ -191,6 +193,11 @@ def format_bit_rates(rates: dict[int, float]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run a fault list (options of :func:`get_run_parser`); returns the summary written to summary.json."""
+    with arithmetic.applied(arithmetic.from_args(args)) as arith:
+        return _run(args, arith)
+
+
+def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, Any]:
     import data
 
     if args.limit_faults is not None and args.limit_faults < 1:
@@ -216,19 +223,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": meta.get("model"), "dataset": dataset, "split": split, "preset": preset,
         "include_bias": args.include_bias, "include_bn": args.include_bn, "method": args.method,
         "seed": args.seed if args.fault_model in TRANSIENT_FAULT_MODELS else None, "max_images": args.max_images,
+        "arithmetic": arith.describe(),
     }
     out = Path(args.out or f"runs/weights_{meta.get('model')}_{Path(args.fault_list).stem}_{args.fault_model}")
     previous = _finished_run(out)
     if previous is not None and previous.get("config") == config:
         print(f"{out}: this run is already complete (summary.json); nothing to do", flush=True)
         return previous
+    if previous is not None and arithmetic.from_record(previous.get("config", {}).get("arithmetic")) != arith:
+        raise UsageError(f"{out} holds a run in another arithmetic ({previous['config'].get('arithmetic')}); "
+                         f"use another --out")
     dataset_obj = data.build_dataset(dataset, split, args.data_path, preset=preset)
     images = DatasetImageSet(dataset_obj, limit=args.max_images, workers=args.workers)
     model.to(device)
+    arithmetic.select_layers(model)
     dtype = next(model.parameters()).dtype
     faults = fault_list.faults
     print(f"{len(faults)} {args.fault_model} faults from {args.fault_list} on {meta.get('model')} "
-          f"({args.checkpoint}); {len(images)} images of {dataset}/{split}; method {args.method}", flush=True)
+          f"({args.checkpoint}); {len(images)} images of {dataset}/{split}; method {args.method}; arithmetic {arith.label}", flush=True)
     t0 = time.perf_counter()
     golden, labels = compute_golden(model, images, batch_size=args.batch_size, chunk_images=args.chunk_images,
                                     device=device, dtype=dtype)
@@ -247,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = report.outcomes.counts().sum(0)
     summary = {
         "config": config,
-        **{k: config[k] for k in ("model", "fault_model", "fault_list", "checkpoint", "dataset", "method")},
+        **{k: config[k] for k in ("model", "fault_model", "fault_list", "checkpoint", "dataset", "method", "arithmetic")},
         "images": len(images),
         "faults": len(faults),
         "golden_seconds": round(t_golden, 3),
@@ -294,7 +306,7 @@ def generate(args: argparse.Namespace) -> FaultList:
 
 def cli_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a command line reports as ``error: ...`` (exit code 2)."""
-    errors: list[type[BaseException]] = [UsageError, WeightFaultError, DeviceUnavailable]
+    errors: list[type[BaseException]] = [UsageError, WeightFaultError, DeviceUnavailable, arithmetic.ArithmeticOptionError]
     for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError")):
         with contextlib.suppress(ImportError, AttributeError):
             errors.append(getattr(__import__(module), name))
