@@ -22,6 +22,7 @@ import torch
 import torch.utils.data
 
 from models.device import DeviceUnavailable, default_workers, resolve_device
+from resilience import arithmetic
 from training.distributed import destroy_distributed, init_distributed_mode, is_main_process
 from training.engine import evaluate
 from training.samplers import ShardSampler
@@ -73,6 +74,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--print-freq", type=int, default=50)
     g.add_argument("--dist-url", default="env://")
     g.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"))
+    arithmetic.add_arguments(parser, amp=False)  # --amp above: autocast in the device's usual dtype
     return parser
 
 
@@ -132,7 +134,15 @@ def write_outputs(result: dict[str, Any], per_class: list[dict], out: str | None
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate ``args.checkpoint``; returns the summary metrics (also written to --out/--csv)."""
+    with arithmetic.applied(arithmetic.from_args(args)) as arith:
+        return _evaluate(args, arith)
+
+
+def _evaluate(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, Any]:
     import data
+
+    if args.amp and arith.math == "tf32":
+        raise UsageError("--amp and --math tf32 exclude each other: autocast layers do not compute in fp32")
     import models
 
     path = Path(args.checkpoint)
@@ -181,6 +191,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         pin_memory=device.type == "cuda",
     )
     model.to(device)
+    arithmetic.select_layers(model)
     if is_main_process():
         print(f"evaluating {path} ({meta.get('model')}, {meta.get('head')} head{', EMA' if args.ema else ''}) "
               f"on {dataset}/{split}: {len(test_set)} images", flush=True)
@@ -198,6 +209,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "split": split,
         "ema": bool(args.ema),
         "preset": preset,
+        "arithmetic": {**arith.describe(), "amp": ("fp16" if device.type == "cuda" else "bf16") if args.amp else None},
     }
     if is_main_process():
         print(f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
@@ -208,7 +220,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    errors: list[type[BaseException]] = [UsageError, DeviceUnavailable]
+    errors: list[type[BaseException]] = [UsageError, DeviceUnavailable, arithmetic.ArithmeticOptionError]
     for module, name in (("data", "DatasetUnavailable"), ("models", "CheckpointError"),
                          ("text_features", "TextFeaturesError")):
         with contextlib.suppress(ImportError, AttributeError):
