@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from cli_shell import HelpFormatter, non_negative_int, positive_int, regex, run_cli
 from models.device import resolve_device
+from resilience import arithmetic
 from resilience.bitflip import FORMATS, get_format
 from resilience.campaign import (
     CLAMP_MODES,
@@ -131,6 +132,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="run shard i of k (0-based); under torchrun: RANK/WORLD_SIZE")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_stratified_args(parser)
+    arithmetic.add_arguments(parser)
     return parser
 
 
@@ -255,9 +257,16 @@ def cached_golden(path: Path, key: str, compute: Callable[[], Golden]) -> Golden
 
 def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) this process's share of the campaign; assemble the final files when all is done."""
+    with arithmetic.applied(arithmetic.from_args(args)) as arith:
+        return _campaign(args, argv, arith)
+
+
+def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.Arithmetic) -> int:
     import data
 
-    sampling = sampling_from_args(args)  # before the uniform default below: it refuses --injections
+    sampling = sampling_from_args(args)
+    if sampling is not None and arith.amp:
+        raise CampaignError("--amp campaigns use uniform sampling (no --sampling stratified)")  # before the uniform default below: it refuses --injections
     if args.injections is None and args.margin is None:
         args.injections = 512
     check_plan_memory(args, sampling)
@@ -276,7 +285,7 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
         margin=args.margin, confidence=args.confidence if args.margin is not None else None, golden=args.golden,
         max_images=args.max_images, layers=args.layers, format=args.format, clamp=args.clamp,
         profile_images=args.profile_images if args.clamp == "profile" else None, engine=args.engine,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, device=device.type,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, device=device.type, arithmetic=arith.describe(),
     )
     if _already_complete(out, config, sampling):
         print(f"{out}: campaign already complete; nothing to do", flush=True)
@@ -284,13 +293,14 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     fmt = get_format(args.format)
     model.to(device=device, dtype=fmt.dtype).eval()
+    arithmetic.select_layers(model)
     dataset = data.build_dataset(dataset_name, "test", args.data_path, preset=preset)
     ids = evaluated_ids(len(dataset), args.max_images)
     evaluated = EvaluatedImages(dataset, ids, workers=args.workers, memory_limit=IN_MEMORY_LIMIT)
     # what the golden outputs depend on: not the sampling, the layers or the engine
     golden_key = repr({k: v for k, v in vars(config).items() if k in (
         "model", "dataset", "split", "checkpoint_sha256", "fused_text_head", "preset", "max_images", "format",
-        "device")})
+        "device", "arithmetic")})
     out.mkdir(parents=True, exist_ok=True)
     golden = cached_golden(out / "golden.pt", golden_key, lambda: golden_pass(
         model, ids, progress_bar(evaluated.batches(GOLDEN_BATCH), len(ids), "golden pass", args.no_progress), fmt, device))
@@ -306,7 +316,7 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.clamp == "profile":
         train = data.build_dataset(dataset_name, "train", args.data_path, preset=preset)
         train_ids = evaluated_ids(len(train), args.profile_images)
-        key = {"checkpoint_sha256": config.checkpoint_sha256, "fused_text_head": config.fused_text_head,
+        key = {"arithmetic": arith.describe(), "checkpoint_sha256": config.checkpoint_sha256, "fused_text_head": config.fused_text_head,
                "dataset": dataset_name, "preset": preset, "format": args.format, "images": len(train_ids),
                "device": device.type}
         cache = Path(args.profile_cache) if args.profile_cache else Path.home() / ".cache/text-guided-resilience/profiles"
@@ -321,13 +331,13 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "model": meta["model"], "head": meta.get("head"), "checkpoint": str(Path(args.checkpoint).resolve()),
         "checkpoint_sha256": meta.get("checkpoint_sha256"), "text_features": meta.get("text_features"),
         "fused_text_head": args.fuse_text_head, "dataset": dataset_name, "split": "test", "seed": args.seed,
-        "format": args.format, "clamp": args.clamp, "last_layers": models.last_layer_names(model),
+        "format": args.format, "arithmetic": arith.describe(), "clamp": args.clamp, "last_layers": models.last_layer_names(model),
         "versions": versions(), "command": rerun_command(argv),
     }
     print(f"{meta['model']} ({meta.get('head')} head{', fused' if args.fuse_text_head else ''}) on {dataset_name}: "
           f"{len(ids)} images, accuracy {100 * golden.accuracy:.2f}%, golden set "
           f"{len(golden.golden_set(args.golden))}; {len(layers)} conv/linear layers; device {device}, "
-          f"format {args.format}, engine {args.engine}, shard {shard[0]}/{shard[1]}", flush=True)
+          f"format {args.format}, arithmetic {arith.label}, engine {args.engine}, shard {shard[0]}/{shard[1]}", flush=True)
     run = execute if sampling is None else partial(execute_stratified, adaptive=sampling[0], grouping=sampling[1])
     cdir, stats = run(
         out, config, model, layers, golden, evaluated, provenance=provenance, clamp_max=clamp_max, device=device,

@@ -20,6 +20,7 @@ import torch.utils.data
 
 from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
 from models.device import default_workers, resolve_device
+from resilience import arithmetic
 from resilience.storage import atomic_write, write_json
 from training.distributed import destroy_distributed, init_distributed_mode, is_main_process
 from training.engine import evaluate
@@ -68,6 +69,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--print-freq", type=int, default=50)
     g.add_argument("--dist-url", default="env://")
     g.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"))
+    arithmetic.add_arguments(parser, amp=False)  # --amp above: autocast in the device's usual dtype
     return parser
 
 
@@ -133,7 +135,15 @@ def output_paths(out: str | None, csv_path: str | None) -> tuple[str | None, str
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate ``args.checkpoint``; returns the summary metrics (also written to --out/--csv)."""
+    with arithmetic.applied(arithmetic.from_args(args)) as arith:
+        return _evaluate(args, arith)
+
+
+def _evaluate(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, Any]:
     import data
+
+    if args.amp and arith.math == "tf32":
+        raise UserError("--amp and --math tf32 exclude each other: autocast layers do not compute in fp32")
     import models
 
     path = Path(args.checkpoint)
@@ -183,6 +193,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         pin_memory=device.type == "cuda",
     )
     model.to(device)
+    arithmetic.select_layers(model)
     if is_main_process():
         print(f"evaluating {path} ({meta.get('model')}, {meta.get('head')} head{', EMA' if args.ema else ''}) "
               f"on {dataset}/{split}: {len(test_set)} images", flush=True)
@@ -200,6 +211,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "split": split,
         "ema": bool(args.ema),
         "preset": preset,
+        "arithmetic": {**arith.describe(), "amp": ("fp16" if device.type == "cuda" else "bf16") if args.amp else None},
     }
     if is_main_process():
         print(f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cli_shell import UserError
+from resilience.arithmetic import STRICT_FP32, ArithmeticOptionError, from_record
 from resilience.bitflip import NumberFormat, get_format
 from resilience.engines import get_engine
 from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
@@ -98,6 +99,8 @@ class CampaignConfig:
     batch_size: int = 64
     chunk_size: int = 256
     device: str = "cpu"  # device type: the floating-point results of CPU and CUDA differ in the last bits
+    # arithmetic.Arithmetic.describe(); campaigns recorded before it existed ran in strict fp32
+    arithmetic: dict[str, Any] = field(default_factory=STRICT_FP32.describe)
 
     def __post_init__(self) -> None:
         if (self.injections is None) == (self.margin is None):
@@ -116,6 +119,17 @@ class CampaignConfig:
             # chunk boundaries then never split a batch, so batches are the same whatever was resumed
             raise CampaignError("--chunk-size must be a multiple of --batch-size")
         get_format(self.format)
+        try:
+            amp = from_record(self.arithmetic).amp
+        except (TypeError, ArithmeticOptionError) as exc:
+            raise CampaignError(f"bad arithmetic {self.arithmetic!r}: {exc}") from None
+        if amp and self.format != "fp32":
+            raise CampaignError("--amp runs an fp32 model under autocast: it needs --format fp32")
+
+    @property
+    def fault_format(self) -> NumberFormat:
+        """The format of the layer outputs faults hit: the autocast dtype under --amp, else the model's."""
+        return get_format(from_record(self.arithmetic).amp or self.format)
 
 
 @dataclass(frozen=True)
@@ -165,7 +179,7 @@ class RunStats:
 
 def plan_layers(config: CampaignConfig, layers: Sequence[LayerInfo], golden_set_size: int) -> list[LayerPlan]:
     """The selected layers with their injection counts (fixed, or Leveugle's n over the layer's population)."""
-    bits = get_format(config.format).bits
+    bits = config.fault_format.bits
     try:
         chosen = select_layers(list(layers), config.layers)
     except ValueError as exc:
@@ -182,7 +196,7 @@ def plan_layers(config: CampaignConfig, layers: Sequence[LayerInfo], golden_set_
 
 def layer_sites(config: CampaignConfig, plan: LayerPlan, golden_set: torch.Tensor) -> FaultSites:
     """The fault list of one layer, derived from (seed, layer name) alone."""
-    return sample_sites(config.seed, plan.name, plan.neurons, golden_set, plan.n, get_format(config.format).bits)
+    return sample_sites(config.seed, plan.name, plan.neurons, golden_set, plan.n, config.fault_format.bits)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -212,6 +226,10 @@ class CampaignDir:
         path = Path(out) / "campaign.json"
         if path.is_file():
             stored = read_json(path)
+            was = from_record(stored.get("config", {}).get("arithmetic")).describe()
+            if was != record["config"]["arithmetic"]:
+                raise CampaignError(f"{out} holds a campaign in another arithmetic ({was}, asked for "
+                                    f"{record['config']['arithmetic']}); use another --out")
             for key in ("format", "config", "plan", "golden", "clamp_max"):
                 if stored.get(key) != record.get(key):
                     raise CampaignError(f"{out} holds a different campaign ({key} differs); use another --out")

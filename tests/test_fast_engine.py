@@ -45,8 +45,9 @@ def sites_for(layer: LayerInfo, n: int, images: int, bits: int, seed: int) -> Fa
                       torch.randint(bits, (n,), generator=g))
 
 
-def assert_agree(model: nn.Module, x: torch.Tensor, a: InjectionResult, b: InjectionResult, sites: FaultSites) -> None:
-    """The bench's criterion, for every fault: finiteness, ΔLoss within 1e-4·max(1, ΔLoss_ref), mismatch."""
+def assert_agree(model: nn.Module, x: torch.Tensor, a: InjectionResult, b: InjectionResult, sites: FaultSites,
+                 rtol: float = 1e-4) -> None:
+    """The bench's criterion, for every fault: finiteness, ΔLoss within rtol·max(1, ΔLoss_ref), mismatch."""
     with torch.no_grad():
         golden = model(x).float()
     labels = golden.argmax(1)
@@ -54,16 +55,16 @@ def assert_agree(model: nn.Module, x: torch.Tensor, a: InjectionResult, b: Injec
     rows = sites.image
     ref, fast = (score_faults(r.faulty_logits, labels[rows], labels[rows], loss[rows]) for r in (a, b))
     assert torch.equal(ref.finite, fast.finite), sites.layer
-    close = (fast.delta_loss - ref.delta_loss).abs() <= 1e-4 * ref.delta_loss.clamp(min=1)
+    close = (fast.delta_loss - ref.delta_loss).abs() <= rtol * ref.delta_loss.clamp(min=1)
     assert bool((close | ~ref.finite).all()), (sites.layer, ref.delta_loss[~close], fast.delta_loss[~close])
     assert torch.equal(ref.mismatch, fast.mismatch), sites.layer
     # golden values come from differently composed batches: equal up to the last bits
-    assert torch.allclose(a.golden_value, b.golden_value, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(a.faulty_value, b.faulty_value, rtol=1e-4, atol=1e-4, equal_nan=True)
+    assert torch.allclose(a.golden_value, b.golden_value, rtol=rtol, atol=rtol)
+    assert torch.allclose(a.faulty_value, b.faulty_value, rtol=rtol, atol=rtol, equal_nan=True)
 
 
 def compare(model: nn.Module, x: torch.Tensor, n: int = 12, fmt: str = "fp32", clamp: bool = False,
-            layers: str | None = None, **fast_options) -> FastEngine:
+            layers: str | None = None, rtol: float = 1e-4, **fast_options) -> FastEngine:
     """Run ``n`` faults per layer (those matching the regex ``layers``) through both engines; assert agreement."""
     nf = FORMATS[fmt]
     model = model.to(nf.dtype).eval()
@@ -74,7 +75,7 @@ def compare(model: nn.Module, x: torch.Tensor, n: int = 12, fmt: str = "fp32", c
     fast = FastEngine(model, chosen, nf, batch_size=8, clamp=limits, **fast_options)
     for i, layer in enumerate(chosen):
         sites = sites_for(layer, n, len(x), nf.bits, seed=i)
-        assert_agree(model, x, reference.run(layer, sites, Images(x)), fast.run(layer, sites, Images(x)), sites)
+        assert_agree(model, x, reference.run(layer, sites, Images(x)), fast.run(layer, sites, Images(x)), sites, rtol)
     return fast
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from cli_shell import HelpFormatter, UserError, differences, non_negative_int, positive_int, run_cli
 from models.device import resolve_device
+from resilience import arithmetic
 from resilience.bitflip import format_of
 from resilience.storage import write_json
 from resilience.weights.fault_list import (
@@ -114,6 +115,7 @@ def get_run_parser(add_help: bool = True, prog: str | None = None) -> argparse.A
                    help="CPU threads for torch (default: torch's; 1 is faster on a machine busy with other jobs)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the transient model's image choice")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    arithmetic.add_arguments(parser)
     return parser
 
 
@@ -189,6 +191,11 @@ def format_bit_rates(rates: dict[int, float]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run a fault list (options of :func:`get_run_parser`); returns the summary written to summary.json."""
+    with arithmetic.applied(arithmetic.from_args(args)) as arith:
+        return _run(args, arith)
+
+
+def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, Any]:
     import data
 
     if args.threads:
@@ -208,6 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": meta.get("model"), "dataset": dataset, "split": split, "preset": preset,
         "include_bias": args.include_bias, "include_bn": args.include_bn, "method": args.method,
         "seed": args.seed if args.fault_model in TRANSIENT_FAULT_MODELS else None, "max_images": args.max_images,
+        "arithmetic": arith.describe(),
     }
     out = Path(args.out or f"runs/weights_{meta.get('model')}_{Path(args.fault_list).stem}_{args.fault_model}")
     previous = _finished_run(out)
@@ -218,10 +226,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset_obj = data.build_dataset(dataset, split, args.data_path, preset=preset)
     images = DatasetImageSet(dataset_obj, limit=args.max_images, workers=args.workers)
     model.to(device)
+    arithmetic.select_layers(model)
     dtype = next(model.parameters()).dtype
     faults = fault_list.faults
     print(f"{len(faults)} {args.fault_model} faults from {args.fault_list} on {meta.get('model')} "
-          f"({args.checkpoint}); {len(images)} images of {dataset}/{split}; method {args.method}", flush=True)
+          f"({args.checkpoint}); {len(images)} images of {dataset}/{split}; method {args.method}; arithmetic {arith.label}", flush=True)
     t0 = time.perf_counter()
     golden, labels = compute_golden(model, images, batch_size=args.batch_size, chunk_images=args.chunk_images,
                                     device=device, dtype=dtype)
@@ -240,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = report.outcomes.counts().sum(0)
     summary = {
         "config": config,
-        **{k: config[k] for k in ("model", "fault_model", "fault_list", "checkpoint", "dataset", "method")},
+        **{k: config[k] for k in ("model", "fault_model", "fault_list", "checkpoint", "dataset", "method", "arithmetic")},
         "images": len(images),
         "faults": len(faults),
         "golden_seconds": round(t_golden, 3),

@@ -1,9 +1,10 @@
 """Run weight-fault lists: per fault and image, masked / non-critical / critical, plus ΔLoss.
 
 Outcomes (dnn-benchmarks): *masked* = faulty logits bit-equal to the golden logits; *non-critical* =
-different logits, same top-1; *critical* (SDC-1) = top-1 differs from the golden top-1 (``argmax``,
-which ranks NaN highest). ΔLoss = |CE(faulty) − CE(golden)| against the image label, in float64,
-averaged over the images whose faulty loss is finite; the others are counted as non-finite.
+different logits, same top-1; *critical* (SDC-1) = top-1 differs from the golden top-1. A faulty
+output holding a NaN or Inf (or whose loss is not finite) is *non-finite*: counted in its own column
+and, in dnn-benchmarks' three columns, as critical (it has no top-1). ΔLoss = |CE(faulty) − CE(golden)|
+against the image label, in float64, averaged over the images with a finite output.
 
 Two methods give the same counts:
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from resilience import arithmetic
 from resilience.bitflip import format_of
 from resilience.weights.faults import (
     ParameterResolver,
@@ -108,9 +110,11 @@ class OutcomeCounter:
         """Row ``i`` of ``logits`` is image ``images[i]`` under fault ``faults[i]``."""
         images = images.to(logits.device)
         equal = (logits.view(self.fmt.int_dtype) == self.golden_bits[images]).all(1)
-        flipped = logits.argmax(1) != self.golden_pred[images]
         loss = F.cross_entropy(logits.double(), self.labels[images], reduction="none")
-        finite = torch.isfinite(loss)
+        # a non-finite output has no top-1 (argmax would rank a NaN first): critical in the three
+        # columns, and counted apart
+        finite = torch.isfinite(logits).all(1) & torch.isfinite(loss)
+        flipped = (logits.argmax(1) != self.golden_pred[images]) | ~finite
         dloss = torch.where(finite, (loss - self.golden_loss[images]).abs(), torch.zeros_like(loss))
         f = faults.cpu().numpy()
         out = self.outcomes
@@ -275,10 +279,11 @@ def _channel_first(t: torch.Tensor, linear: bool) -> torch.Tensor:
 
 
 def _layer_call(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The module's own computation with another weight/bias, channel dimension first."""
-    if isinstance(module, nn.Linear):
-        return forward_padded(lambda t: F.linear(t, weight, bias), x).movedim(-1, 1)
-    return forward_padded(lambda t: module._conv_forward(t, weight, bias), x)
+    """The module's own computation (its arithmetic included) with another weight/bias, channel dimension first."""
+    with arithmetic.alias(module.weight, weight):
+        if isinstance(module, nn.Linear):
+            return forward_padded(lambda t: F.linear(t, weight, bias), x).movedim(-1, 1)
+        return forward_padded(lambda t: module._conv_forward(t, weight, bias), x)
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
