@@ -11,8 +11,9 @@ Per model and head (random weights, 10 classes, a 512-wide text head):
 * ``usable`` (with ``--usable``): discovered layers into which both engines inject two faults in one batch
   (one per image, on two images) and agree per fault (bench_inject's criterion).
 
-``--size native`` feeds 224x224 inputs to ImageNet networks and 32x32 to CIFAR ones; ``min`` feeds each
-model its smallest supported input (small-input variants where the registry has them). Exits 1 when a
+``--size native`` feeds each model the crop of its evaluation preset (ImageNet networks: 224x224, Swin-V2
+256x256; CIFAR ResNets 32x32); ``min`` its smallest supported input (small-input variants where the
+registry has them). Exits 1 when a
 row's figures differ.
 """
 
@@ -26,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import data  # noqa: E402
 import models  # noqa: E402
 from resilience.bitflip import get_format  # noqa: E402
 from resilience.engines import FaultSites  # noqa: E402
@@ -42,7 +44,8 @@ def build(name: str, head: str, size: str) -> tuple[torch.nn.Module, torch.Tenso
     """A seeded random-weight model of ``name`` with ``head`` and two seeded random images for it."""
     spec = models.get_model_spec(name)
     small = (size == "min" and spec.small_input == "adapted") or spec.small_input == "native"
-    side = spec.min_input_size if size == "min" else 32 if spec.small_input == "native" else 224
+    dataset = "cifar10" if spec.small_input == "native" else "imagenet"
+    side = spec.min_input_size if size == "min" else data.eval_preset(dataset, name)["crop_size"]
     torch.manual_seed(0)
     model = models.build_model(name, NUM_CLASSES, head=head, small_input=small).eval()
     return model, torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
