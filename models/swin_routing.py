@@ -8,8 +8,9 @@ no image dimension. :func:`route_window_attention` swaps each such block's ``for
 * calls ``qkv`` and ``proj`` as modules on ``[B, windows, tokens, C]`` (the image batch first, so that an
   output element of one image is one fault site); ``qkv`` becomes a :class:`KeyMaskedLinear`, which zeroes
   the key part of its bias in the forward pass exactly as torchvision does;
-* computes the bias table once per image (the constant table repeated over the batch): a transient flip in
-  ``cpb_mlp`` during one inference then corrupts that inference's bias table only.
+* computes the bias table once per image in evaluation mode (the constant table repeated over the batch):
+  a transient flip in ``cpb_mlp`` during one inference then corrupts that inference's bias table only.
+  Training computes it once per batch, as torchvision does.
 
 Parameters, buffers and state-dict keys are unchanged, and the fault-free outputs are bit-identical to
 torchvision's on the same kernels (each row of a GEMM sums in the same order whatever the row count).
@@ -132,7 +133,10 @@ class RoutedWindowAttentionV2(ShiftedWindowAttentionV2):
         order, with qkv, proj and cpb_mlp called as modules on outputs that lead with the image batch."""
         window, shift = self.window_size, self.shift_size
         qkv = self.qkv(_partition(x, window, shift))
-        bias = _position_bias(self.cpb_mlp(_per_image(self.relative_coords_table, x)), self.relative_position_index, window)
+        # Per-image copies are for fault injection (evaluation); training computes the same table once,
+        # which saves the copies' activation memory.
+        table = self.relative_coords_table if self.training else _per_image(self.relative_coords_table, x)
+        bias = _position_bias(self.cpb_mlp(table), self.relative_position_index, window)
         y = _attend(qkv, bias, x, self.logit_scale, window, shift, self.num_heads, self.attention_dropout, self.training)
         y = F.dropout(self.proj(y), p=self.dropout, training=self.training)
         return _reverse(y, x, window, shift)

@@ -61,6 +61,10 @@ def test_routed_swin_is_bit_identical_to_torchvision() -> None:
     x = torch.randn(2, 3, SWIN_SIDE, SWIN_SIDE)
     with torch.no_grad():
         assert torch.equal(routed(x), original(x))
+        torch.manual_seed(3)  # training mode: the same stochastic-depth draws on both sides
+        trained = routed.train()(x)
+        torch.manual_seed(3)
+        assert torch.equal(trained, original.train()(x))
     assert bool((attn.qkv.bias[96:192] != 0).all())  # the parameter itself keeps its values
 
 
