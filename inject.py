@@ -274,6 +274,9 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
         torch.set_num_threads(args.threads)
     shard, local_rank = launcher_shard(args)
     device = resolve_device(args.device, local_rank)
+    if device.type == "cuda":
+        # before any model or PyTorchFI work: PyTorchFI builds its probe input on the current device
+        torch.cuda.set_device(device)
     out = Path(args.out)
     t_start = time.perf_counter()
 

@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from .swin_routing import route_window_attention
 from .text_head import TextGuidedClassifier
 
 SmallInput = Literal["native", "adapted", "unsupported"]
@@ -80,7 +81,11 @@ def get_model_spec(name: str) -> ModelSpec:
 def build_backbone(
     name: str, num_classes: int, *, in_chans: int = 3, small_input: bool = False, pretrained: str | None = None
 ) -> nn.Module:
-    """The plain registered network whose last layer is Linear(B -> num_classes)."""
+    """The plain registered network whose last layer is Linear(B -> num_classes).
+
+    Swin-V2's window attentions are routed through their modules (:mod:`models.swin_routing`), so that
+    every conv/linear computation is a module call whose output leads with the image batch.
+    """
     spec = get_model_spec(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -91,7 +96,9 @@ def build_backbone(
             f"small_input=True is not supported for {name} ({spec.family}); "
             f"feed inputs resized to its native resolution instead"
         )
-    return spec.builder(num_classes, in_chans=in_chans, small_input=small_input, pretrained=pretrained)
+    model = spec.builder(num_classes, in_chans=in_chans, small_input=small_input, pretrained=pretrained)
+    route_window_attention(model)
+    return model
 
 
 def build_model(

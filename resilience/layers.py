@@ -7,7 +7,9 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
@@ -35,18 +37,26 @@ def _kind(module: nn.Module) -> str:
 def discover_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
     """Run ``example_input`` (a batch of one or more images) and list the executed conv/linear layers.
 
-    Layers are named by their qualified module name and ordered by first execution. Modules that a
-    model applies functionally (their ``forward`` is never called) cannot hold output faults and are
-    not listed; a module executed more than once per forward is rejected because its output is not a
-    single fault site population.
+    Layers are named by their qualified module name and ordered by first execution. A single image is
+    run as a batch of two copies, so that every layer's output is seen to lead with the image batch:
+    a layer whose output does not (computed once for the whole batch) cannot hold per-image faults and
+    is rejected, as is a module executed more than once per forward (its output is not a single fault
+    site population). Modules that a model applies functionally (their ``forward`` is never called)
+    are not listed; :func:`count_conv_linear_calls` counts those calls independently.
     """
+    if len(example_input) == 1:
+        example_input = torch.cat([example_input, example_input])
+    batch = len(example_input)
     seen: dict[str, LayerInfo] = {}
     calls: dict[str, int] = {}
+    unbatched: list[str] = []
     handles = []
 
     def make_hook(name: str, module: nn.Module):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             calls[name] = calls.get(name, 0) + 1
+            if output.dim() < 2 or output.shape[0] != batch:
+                unbatched.append(f"{name} {list(output.shape)}")
             if name not in seen:
                 seen[name] = LayerInfo(name, _kind(module), tuple(output.shape[1:]), len(seen))
 
@@ -66,7 +76,41 @@ def discover_layers(model: nn.Module, example_input: torch.Tensor) -> list[Layer
     repeated = [name for name, count in calls.items() if count > 1]
     if repeated:
         raise ValueError(f"layers executed more than once per forward pass are not supported: {repeated}")
+    if unbatched:
+        raise ValueError(f"layers whose output does not lead with the batch of {batch} images cannot hold "
+                         f"per-image faults: {', '.join(unbatched)}")
     return sorted(seen.values(), key=lambda layer: layer.order)
+
+
+class _CountConvLinear(TorchFunctionMode):
+    """Counts ``F.linear`` and ``F.conv2d`` calls, however they are reached (module or functional)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        if func in (F.linear, F.conv2d):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def count_conv_linear_calls(model: nn.Module, example_input: torch.Tensor) -> int:
+    """How many ``F.linear``/``F.conv2d`` computations one forward pass of ``model`` runs (evaluation mode).
+
+    Independent of module hooks: it sees functional calls with a module's weights too, so it checks that
+    :func:`discover_layers` lists every executed conv/linear computation.
+    """
+    was_training = model.training
+    model.eval()
+    counter = _CountConvLinear()
+    try:
+        with counter:
+            model(example_input)
+    finally:
+        model.train(was_training)
+    return counter.calls
 
 
 def select_layers(layers: list[LayerInfo], pattern: str | None) -> list[LayerInfo]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from resilience.sampling import z_value
 
 CONFIDENCE = 0.99
+AGREEMENT_RTOL = 1e-4  # engines sum in different orders: ΔLoss agrees to reassociation, not bit for bit
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,13 @@ def score_faults(
         mismatch=pred != golden_pred,
         faulty_top2diff=top2diff(faulty_logits),
     )
+
+
+def agreement(ref: FaultOutcomes, other: FaultOutcomes, rtol: float = AGREEMENT_RTOL) -> torch.Tensor:
+    """Per fault, whether two engines agree: same finiteness of the faulty loss, ΔLoss within
+    ``rtol``·max(1, ΔLoss_ref) when finite, same mismatch decision."""
+    close = (other.delta_loss - ref.delta_loss).abs() <= rtol * ref.delta_loss.clamp(min=1.0)
+    return (ref.finite == other.finite) & (~ref.finite | close) & (ref.mismatch == other.mismatch)
 
 
 def mean_ci(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:

@@ -40,12 +40,11 @@ from resilience.engines.fast import DEFAULT_CACHE_BYTES, FastEngine  # noqa: E40
 from resilience.engines.reference import ReferenceEngine  # noqa: E402
 from resilience.golden import Golden, TensorImageSource, evaluated_ids, golden_pass, iterate_split  # noqa: E402
 from resilience.layers import LayerInfo, discover_layers, select_layers  # noqa: E402
-from resilience.metrics import FaultOutcomes, score_faults  # noqa: E402
+from resilience.metrics import agreement, score_faults  # noqa: E402
 from resilience.profile import profile_max_abs  # noqa: E402
 from resilience.sampling import sample_sites  # noqa: E402
 
 REQUIRED_AGREEMENT = 0.999
-RTOL = 1e-4
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -116,12 +115,6 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Any, torch.Te
     g = torch.Generator().manual_seed(args.seed_weights)
     images = torch.randn(args.images, in_chans, args.input_size, args.input_size, generator=g)
     return model.eval(), name, None, torch.arange(args.images), images
-
-
-def agreement(ref: FaultOutcomes, fast: FaultOutcomes) -> torch.Tensor:
-    """Per fault: same finiteness, ΔLoss within RTOL·max(1, ΔLoss_ref) when finite, same mismatch."""
-    close = (fast.delta_loss - ref.delta_loss).abs() <= RTOL * ref.delta_loss.clamp(min=1.0)
-    return (ref.finite == fast.finite) & (~ref.finite | close) & (ref.mismatch == fast.mismatch)
 
 
 def timed(engine: Any, layer: LayerInfo, sites: FaultSites, source: Any) -> tuple[InjectionResult, float]:

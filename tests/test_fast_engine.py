@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 import models
+from models.swin_routing import route_window_attention
 from resilience.bitflip import FORMATS
 from resilience.engines import ENGINES, EngineError, FaultSites, InjectionResult
 from resilience.engines import fast as fast_engine
@@ -140,10 +141,10 @@ def test_swin_v2() -> None:
     model = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
                             stochastic_depth_prob=0.0, num_classes=5, block=SwinTransformerBlockV2,
                             downsample_layer=PatchMergingV2)
-    # (cpb_mlp layers compute the position bias from a constant table: their output has no batch dimension,
-    # and the reference engine cannot address them either)
-    fast = compare(model, torch.randn(3, 3, 8, 8), n=10, layers="^(?!.*cpb_mlp)")
-    assert fast.describe()["traced"] and "fallback" not in fast.describe()
+    route_window_attention(model)  # as models.build_model does: qkv, proj and cpb_mlp become fault sites
+    fast = compare(model, torch.randn(3, 3, 8, 8), n=10)
+    assert fast.describe()["traced"] and "fallback" not in fast.describe() and "fallback_layers" not in fast.describe()
+    assert {"features.1.0.attn.qkv", "features.1.0.attn.cpb_mlp.0", "features.1.0.attn.proj"} <= set(fast.counts)
 
 
 def test_closed_form_replaces_one_logit() -> None:

@@ -17,7 +17,8 @@ Known problems of PyTorchFI 0.6.0 handled here without patching it:
   partial batch simply runs fewer images;
 * it addresses outputs of rank 2 to 4 only (``dim1..dim3``); a layer whose output has more dimensions
   gets the same XOR from a forward hook of ours on the uncopied model (no such layer exists in the
-  registered models; Swin's token Linears output [N, H, W, C], which PyTorchFI addresses).
+  registered models; Swin's token Linears output [N, H, W, C] and its routed window projections
+  [N, windows, tokens, C], which PyTorchFI addresses).
 """
 
 from __future__ import annotations
