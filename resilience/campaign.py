@@ -60,7 +60,7 @@ FAULT_SCHEMA = pa.schema(
         ("faulty_value", pa.float64()),  # what the network saw (after the clamp, if any)
         ("label", pa.int64()),
         ("golden_pred", pa.int64()),
-        ("faulty_pred", pa.int64()),  # -1: the faulty output holds a NaN
+        ("faulty_pred", pa.int64()),  # -1: the faulty output holds a NaN or Inf
         ("golden_loss", pa.float64()),
         ("faulty_loss", pa.float64()),
         ("delta_loss", pa.float64()),

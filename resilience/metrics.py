@@ -1,9 +1,9 @@
 """Per-fault and per-layer metrics, exactly as DESIGN.md defines them.
 
 ΔLoss = |CE(faulty logits, label) − CE(golden logits, label)| in float64; mismatch = faulty top-1 ≠
-golden top-1 (a faulty output holding a NaN has no top-1 and always mismatches); Top2Diff = (softmax
-top-1 − top-2) × 100. A fault whose faulty loss is not finite is counted apart and left out of the
-ΔLoss mean, std and CI; the mismatch rate is over all faults. CI of the mean: normal approximation,
+golden top-1 (a faulty output holding a NaN or Inf has no top-1: prediction −1, always a mismatch);
+Top2Diff = (softmax top-1 − top-2) × 100. A fault whose faulty output or loss is not finite is counted
+apart (non-finite) and left out of the ΔLoss mean, std and CI; the mismatch rate is over all faults. CI of the mean: normal approximation,
 mean ± z_{(1+c)/2} · s / √n with the sample standard deviation s (ddof = 1); mismatch rate: Wilson
 score interval.
 """
@@ -36,9 +36,9 @@ def top2diff(logits: torch.Tensor) -> torch.Tensor:
 
 
 def predictions(logits: torch.Tensor) -> torch.Tensor:
-    """Top-1 class per sample; −1 where any logit is NaN (torch's argmax would pick the NaN's index)."""
+    """Top-1 class per sample; −1 where any logit is NaN or Inf (torch's argmax would pick a NaN's index)."""
     pred = logits.argmax(dim=1)
-    return torch.where(torch.isnan(logits).any(dim=1), torch.full_like(pred, -1), pred)
+    return torch.where(~torch.isfinite(logits).all(dim=1), torch.full_like(pred, -1), pred)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class FaultOutcomes:
     faulty_loss: torch.Tensor  # float64
     delta_loss: torch.Tensor  # float64, NaN/Inf where the faulty loss is not finite
     finite: torch.Tensor  # bool
-    faulty_pred: torch.Tensor  # int64 (−1: NaN output)
+    faulty_pred: torch.Tensor  # int64 (−1: non-finite output)
     mismatch: torch.Tensor  # bool
     faulty_top2diff: torch.Tensor  # float64
 
@@ -62,7 +62,7 @@ def score_faults(
     return FaultOutcomes(
         faulty_loss=faulty_loss,
         delta_loss=(faulty_loss - golden_loss.double()).abs(),
-        finite=torch.isfinite(faulty_loss),
+        finite=torch.isfinite(faulty_loss) & (pred >= 0),
         faulty_pred=pred,
         mismatch=pred != golden_pred,
         faulty_top2diff=top2diff(faulty_logits),

@@ -4,12 +4,16 @@ weight faults), AMP fault bits, non-finite outcomes, options recorded and mismat
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from reference_assets import REFERENCE_DIR
 from test_fast_engine import Images, assert_agree, compare, sites_for
 from torch import nn
 
@@ -23,6 +27,7 @@ from resilience.engines.fast import FastEngine
 from resilience.engines.reference import ReferenceEngine
 from resilience.golden import TensorImageSource, golden_pass
 from resilience.layers import discover_layers, select_layers
+from resilience.metrics import score_faults
 from resilience.weights.faults import WeightFault
 from resilience.weights.images import TensorImageSet
 from resilience.weights.runner import OutcomeCounter, compute_golden, run_weight_faults
@@ -167,6 +172,11 @@ def test_nonfinite_output_is_its_own_outcome_and_critical() -> None:
     assert out.nonfinite.tolist() == [1, 1] and out.critical.tolist() == [1, 1]
     assert out.non_critical.tolist() == [0, 0] and out.masked.tolist() == [0, 0]
     assert np.isnan(out.delta_loss()).all()
+    # neuron faults: the same output is non-finite with no prediction, even where its loss is finite
+    scored = score_faults(torch.tensor([[0.0, -float("inf"), 1.0]]), torch.tensor([0]), torch.tensor([2]),
+                          torch.tensor([1.0]))
+    assert bool(torch.isfinite(scored.faulty_loss).all())
+    assert scored.faulty_pred.tolist() == [-1] and scored.finite.tolist() == [False]
 
 
 def test_amp_faults_hit_the_bits_of_the_autocast_dtype() -> None:
@@ -195,8 +205,6 @@ def run_campaign(out: Path, arith: Arithmetic, shard: tuple[int, int] = (0, 1)) 
 
 def test_arithmetic_is_recorded_and_mismatches_are_refused(tmp_path: Path) -> None:
     run_campaign(tmp_path / "a", TF32)
-    import json
-
     record = json.loads((tmp_path / "a" / "campaign.json").read_text())
     assert record["config"]["arithmetic"] == TF32.describe()
     with pytest.raises(CampaignError, match="another arithmetic"):
@@ -217,3 +225,27 @@ def test_cli_reports_a_bad_combination_in_one_line(tmp_path: Path, capsys: pytes
     assert inject.main(["--fault-model", "weight-bitflip", "--fault-list", "x.csv", "--checkpoint", "y.th",
                         "--math", "tf32", "--amp", "fp16"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.skipif(not (REFERENCE_DIR / "cifar10-test-first932" / "cifar10_test_first932.npz").is_file()
+                    or not (REFERENCE_DIR / "dnn-benchmarks" / "cifar10" / "ResNet20.th").is_file(),
+                    reason="../shared/reference assets absent")
+def test_dnn_benchmarks_layer3_low_bits_are_their_tf32_masked_set(tmp_path: Path) -> None:
+    """A slice of the replay: layer3 faults in bits <= 12 on the 932 genuine images, layer3 in TF32. The faults
+    they report masked on all 10,000 images are those masked on all 932 of ours, which include every fault
+    whose flip TF32 rounding removes."""
+    spec = importlib.util.spec_from_file_location("replay_dnn_benchmarks",
+                                                  Path(__file__).parents[1] / "scripts" / "replay_dnn_benchmarks.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    args = replay.get_args_parser().parse_args([
+        "--reference", str(REFERENCE_DIR), "--layers", r"^layer3\.", "--max-bit", "12", "--every", "150",
+        "--math", "tf32", "--tf32-layers", r"^layer3\.", "--out", str(tmp_path)])
+    figures = replay.replay(args)
+    table = pd.read_csv(tmp_path / "faults.csv")
+    assert figures["images"] == 932 and figures["faults"] == len(table) >= 30
+    ours = table["masked"] == table["n"]
+    theirs = table["ref_masked"] == table["ref_n"]
+    assert ours.equals(theirs) and 0 < ours.sum() < len(table)
+    assert (ours | ~table["tf32_removes_flip"]).all() and table["tf32_removes_flip"].sum() > len(table) / 2
+    assert figures["golden_accuracy"] == pytest.approx(0.912, abs=0.002)
