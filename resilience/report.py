@@ -14,26 +14,29 @@ import csv
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cli_shell import UserError
+from cli_shell import UserError, differences
 from resilience.figures import pyplot, save_png
 from resilience.improvement_ci import DEFAULT_CONFIDENCE, has_fault_records, improvement_intervals
 from resilience.storage import read_json, write_text
 
 TEXT_PREFIX = "backbone."  # the text model's backbone layers are the baseline's layers under this prefix
 COMPARED = ("dataset", "split", "format", "clamp")  # must agree between the campaigns
-# what else two campaigns must share to measure the same thing: label -> the value read from summary.json
-MEASURED = {
-    "images": lambda s: (s.get("golden", {}).get("evaluated_images"), s.get("config", {}).get("max_images"),
-                         s.get("config", {}).get("golden")),
-    "sampling": lambda s: s.get("stratified") or "uniform",
-    "injections per layer": lambda s: (s.get("config", {}).get("injections"), s.get("config", {}).get("margin")),
-    "fault model": lambda s: s.get("fault_model"),
-    "arithmetic": lambda s: (s.get("format"), s.get("config", {}).get("profile_images"), s.get("arithmetic")),
+# what else two campaigns must share to measure the same thing: label -> the settings read from summary.json
+MEASURED: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "images": lambda s: {"evaluated images": s.get("golden", {}).get("evaluated_images"),
+                         "--max-images": s.get("config", {}).get("max_images"),
+                         "--golden": s.get("config", {}).get("golden")},
+    "sampling": lambda s: {"sampling": "stratified" if s.get("stratified") else "uniform", **(s.get("stratified") or {})},
+    "injections per layer": lambda s: {"--injections": s.get("config", {}).get("injections"),
+                                       "--margin": s.get("config", {}).get("margin")},
+    "fault model": lambda s: {"fault model": s.get("fault_model")},
+    "arithmetic": lambda s: {"format": s.get("format"), "--profile-images": s.get("config", {}).get("profile_images"),
+                             "arithmetic": s.get("arithmetic")},
 }
 
 
@@ -122,10 +125,10 @@ def _check_comparable(base: CampaignResult, text: CampaignResult, fused: Campaig
                     f"{base.path} and {other.path} differ in {key}: "
                     f"{base.summary.get(key)!r} vs {other.summary.get(key)!r}"
                 )
-        for label, value in MEASURED.items():
-            if value(base.summary) != value(other.summary):
-                raise ReportError(f"{base.path} and {other.path} differ in {label}: "
-                                  f"{value(base.summary)!r} vs {value(other.summary)!r}")
+        for label, settings in MEASURED.items():
+            if settings(base.summary) != settings(other.summary):
+                raise ReportError(f"{base.path} and {other.path} differ in {label} "
+                                  f"({differences(settings(base.summary), settings(other.summary))})")
         only_base, only_other = base.body_layers() - other.body_layers(), other.body_layers() - base.body_layers()
         if only_base or only_other:
             raise ReportError(

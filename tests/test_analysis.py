@@ -120,14 +120,14 @@ def test_top2diff_sweep_cli(checkpoint_pair: tuple[Path, Path], tmp_path: Path,
 
 def test_bad_input_is_one_line(checkpoint_pair: tuple[Path, Path], tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    base, _ = checkpoint_pair
+    base, text = checkpoint_pair
     assert analyze.main(["top2diff-sweep", "--baseline", str(base), "--text", str(tmp_path / "no.pth"),
                          "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: text-guided checkpoint not found: {tmp_path / 'no.pth'}"
     assert analyze.main(["top2diff-sweep", "--baseline", str(base), "--text", str(base), "--out", str(tmp_path),
                          "--deltas", "10", "5"]) == 2
     assert "increasing" in capsys.readouterr().err
-    assert analyze.main(["value-ranges", "--baseline", str(base), "--text", str(base), "--out", str(tmp_path),
+    assert analyze.main(["value-ranges", "--baseline", str(base), "--text", str(text), "--out", str(tmp_path),
                          "--dataset", "cifar10"]) == 2
     assert "trained on fashion-mnist" in capsys.readouterr().err
 

@@ -254,13 +254,13 @@ def test_describe_cli(llm: MockLLM, tmp_path: Path, fm_names_file: Path, monkeyp
     assert "10 classes" in capsys.readouterr().out
 
     monkeypatch.setenv("OPENAI_BASE_URL", closed_port_url())
-    assert describe_cli.main(["--class-names", str(fm_names_file), "--out", str(tmp_path / "x.json")]) == 1
+    assert describe_cli.main(["--class-names", str(fm_names_file), "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot reach the chat-completions endpoint")
 
     monkeypatch.delenv("OPENAI_BASE_URL")
     monkeypatch.delenv("OPENAI_API_KEY")  # OpenAI itself without a key: refused before any request
-    assert describe_cli.main(["--class-names", str(fm_names_file), "--out", str(tmp_path / "x.json")]) == 1
+    assert describe_cli.main(["--class-names", str(fm_names_file), "--out", str(tmp_path / "x.json")]) == 2
     assert capsys.readouterr().err.startswith("error: set OPENAI_API_KEY")
 
 
@@ -438,7 +438,7 @@ def test_build_cli_minilm_variants(tmp_path: Path, fm_names_file: Path, capsys: 
     capsys.readouterr()
 
     assert build_cli.main([*common, "--variant", "descriptions", "--descriptions", str(tmp_path / "none.json"),
-                           "--out", str(tmp_path / "d.pth")]) == 1
+                           "--out", str(tmp_path / "d.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: descriptions file not found: {tmp_path / 'none.json'}"]
 

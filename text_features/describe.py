@@ -13,6 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cli_shell import run_cli
+
 from .classes import class_names_for
 from .errors import TextFeaturesError
 from .llm import DEFAULT_MODEL, ChatClient, describe_classes
@@ -50,29 +52,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        if args.per_question < 1:
-            raise TextFeaturesError("--per-question must be at least 1")
-        names = class_names_for(args.dataset, args.class_names)
-        questions = args.questions or list(questions_for(args.dataset))
-        if any("{}" not in q for q in questions):
-            raise TextFeaturesError("every --question needs a {} where the class name goes")
-        client = ChatClient.from_env(args.llm_model, args.base_url, timeout=args.timeout,
-                                     max_retries=args.max_retries, rate_limit=args.rate_limit)
-        if not client.api_key and "api.openai.com" in client.base_url:
-            raise TextFeaturesError("set OPENAI_API_KEY, or OPENAI_BASE_URL to a server that needs no key")
-        result = describe_classes(
-            client, names, questions, args.out, per_question=args.per_question,
-            n_per_request=args.n_per_request, temperature=args.temperature, max_tokens=args.max_tokens,
-            dataset=args.dataset, progress=not args.no_progress,
-        )
-    except TextFeaturesError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: describe(args))
+
+
+def describe(args: argparse.Namespace) -> None:
+    """Ask the LLM for the descriptions the parsed options name and save them."""
+    if args.per_question < 1:
+        raise TextFeaturesError("--per-question must be at least 1")
+    names = class_names_for(args.dataset, args.class_names)
+    questions = args.questions or list(questions_for(args.dataset))
+    if any("{}" not in q for q in questions):
+        raise TextFeaturesError("every --question needs a {} where the class name goes")
+    client = ChatClient.from_env(args.llm_model, args.base_url, timeout=args.timeout,
+                                 max_retries=args.max_retries, rate_limit=args.rate_limit)
+    if not client.api_key and "api.openai.com" in client.base_url:
+        raise TextFeaturesError("set OPENAI_API_KEY, or OPENAI_BASE_URL to a server that needs no key")
+    result = describe_classes(
+        client, names, questions, args.out, per_question=args.per_question,
+        n_per_request=args.n_per_request, temperature=args.temperature, max_tokens=args.max_tokens,
+        dataset=args.dataset, progress=not args.no_progress,
+    )
     counts = [len(result.descriptions.get(n, [])) for n in names]
     print(f"{args.out}: {len(names)} classes, {min(counts)}-{max(counts)} descriptions per class, "
           f"{client.requests_sent} requests this run")
-    return 0
 
 
 if __name__ == "__main__":
