@@ -23,6 +23,7 @@ import torch
 
 from resilience.bitflip import NumberFormat
 from resilience.engines.base import FaultSites
+from resilience.intervals import Moments
 from resilience.metrics import LayerStats, summarize
 from resilience.sampling import sample_sites, z_value
 
@@ -126,19 +127,17 @@ def stratum_drawer(seed: int, layer: str, images: torch.Tensor, neurons: int) ->
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with the variance of its estimator and the half-width of its confidence interval."""
+    """A point estimate, the variance of its estimator and its confidence interval (possibly asymmetric)."""
 
     value: float
     variance: float
-    half_width: float
+    low: float
+    high: float
 
     @property
-    def low(self) -> float:
-        return self.value - self.half_width
-
-    @property
-    def high(self) -> float:
-        return self.value + self.half_width
+    def half_width(self) -> float:
+        """Half the interval's width (what the stopping targets compare)."""
+        return (self.high - self.low) / 2
 
     def covers(self, truth: float) -> bool:
         """Whether the interval contains ``truth``."""
@@ -155,23 +154,26 @@ def stratified_ratio(
     denominators: Sequence[np.ndarray],
     confidence: float = 0.99,
 ) -> tuple[Estimate, np.ndarray]:
-    """Combined ratio estimator R = Σ W_b ȳ_b / Σ W_b x̄_b and its delta-method variance.
+    """Combined ratio estimator R = Σ W_c ȳ_c / Σ W_c x̄_c over independently sampled cells c.
 
-    Returns the estimate and the per-stratum standard deviations S_b of the linearised variable
-    d = (y − R x) / X̂, which is what Neyman allocation needs. A stratum with fewer than two draws has
-    unknown variance (infinite).
+    A cell is a stratum, or a stratum within one round. Returns the estimate, with the delta-method
+    variance of the linearised variable d = (y − R x) / X̂ and Hall's skewness-corrected interval of
+    Σ W_c d̄_c (:mod:`resilience.intervals`), and the per-cell standard deviations S_c of d, which is what
+    Neyman allocation needs. A cell with fewer than two draws has unknown variance (infinite); cells of
+    weight 0 are ignored.
     """
+    used = np.asarray(weights) != 0
     num = np.array([y.mean() if len(y) else math.nan for y in numerators])
     den = np.array([x.mean() if len(x) else math.nan for x in denominators])
-    total_den = float(weights @ den)
+    total_den = float(weights[used] @ den[used])
     if not total_den > 0:
-        return Estimate(math.nan, math.nan, math.nan), np.full(len(weights), math.inf)
-    ratio = float(weights @ num) / total_den
-    sds = np.array([math.sqrt(_sample_var((y - ratio * x) / total_den)) for y, x in zip(numerators, denominators, strict=True)])
-    counts = np.array([len(y) for y in numerators], dtype=np.float64)
-    terms = np.where(weights > 0, weights**2 * sds**2 / np.maximum(counts, 1), 0.0)
-    variance = float(terms.sum())
-    return Estimate(ratio, variance, z_value(confidence) * math.sqrt(variance)), sds
+        return Estimate(math.nan, math.nan, math.nan, math.nan), np.full(len(weights), math.inf)
+    ratio = float(weights[used] @ num[used]) / total_den
+    residuals = [(y - ratio * x) / total_den for y, x in zip(numerators, denominators, strict=True)]
+    linear = Moments.weighted_sum(weights, [Moments.of_mean(d) for d in residuals])
+    low, high = Moments(ratio, linear.variance, linear.third).interval(confidence)
+    sds = np.array([math.sqrt(_sample_var(d)) for d in residuals])
+    return Estimate(ratio, linear.variance, low, high), sds
 
 
 def loss_estimate(
@@ -197,33 +199,33 @@ def finite_fraction(weights: np.ndarray, per_stratum: Sequence[Outcomes]) -> flo
     return float(weights @ np.array([o.finite.mean() if len(o) else math.nan for o in per_stratum]))
 
 
-def uniform_equivalent(
-    weights: np.ndarray, per_stratum: Sequence[Outcomes], half_width: float, confidence: float = 0.99
-) -> float:
-    """Injections a uniform campaign would need for the same half-width, given the observed variance.
+def uniform_equivalent(weights: np.ndarray, per_stratum: Sequence[Outcomes], variance: float) -> float:
+    """Injections a uniform campaign would need for an estimator of the same ``variance``.
 
     Under uniform sampling the linearised variable d = (ΔL·f − μ f) / P has variance
-    Σ W_b (S_b² + d̄_b²) (within plus between strata), so n = (z · S_U / h)².
+    Σ W_b (S_b² + d̄_b²) (within plus between strata), so n = S_U² / V.
     """
-    estimate, sds = loss_estimate(weights, per_stratum, confidence)
-    if not half_width > 0 or math.isnan(estimate.value):
+    estimate, sds = loss_estimate(weights, per_stratum)
+    if not variance > 0 or math.isnan(estimate.value):
         return math.nan
     total_den = finite_fraction(weights, per_stratum)
     means = np.array(
         [np.mean((np.where(o.finite, o.delta_loss, 0.0) - estimate.value * o.finite) / total_den) for o in per_stratum]
     )
-    uniform_var = float(weights @ (sds**2 + means**2))
-    return (z_value(confidence) * math.sqrt(uniform_var) / half_width) ** 2
+    return float(weights @ (sds**2 + means**2)) / variance
 
 
 # ----------------------------------------------------------------------------------------- allocation
+
+PLAN_MARGIN = 2.0
+MIN_PER_ROUND = 2  # draws of every stratum in every estimation round: each round estimates its own variance
 
 
 def allocation_shares(weights: np.ndarray, sds: np.ndarray, defensive: float) -> np.ndarray:
     """Target share of injections per stratum: (1 − α)·Neyman + α·proportional.
 
-    The proportional part (α = ``defensive``) keeps sampling strata whose pilot looked constant, so a
-    rare large ΔLoss there is still found, at a variance cost of at most 1/(1 − α) over pure Neyman.
+    The proportional part (α = ``defensive``) keeps sampling strata whose earlier draws looked constant,
+    so a rare large ΔLoss there is still found, at a variance cost of at most 1/(1 − α) over pure Neyman.
     """
     if np.isinf(sds).any():
         raise ValueError("every stratum needs at least two draws before Neyman allocation")
@@ -243,18 +245,12 @@ def largest_remainder(real: np.ndarray, total: int) -> np.ndarray:
     return base
 
 
-def top_up(counts: np.ndarray, shares: np.ndarray, new_total: int) -> np.ndarray:
-    """Draws to add per stratum so that the totals approach ``shares · new_total``.
-
-    Strata already above their share get nothing; the others split the new draws in proportion to
-    their shortfall.
-    """
-    add = new_total - int(counts.sum())
-    if add <= 0:
-        return np.zeros_like(counts)
-    shortfall = np.maximum(shares * new_total - counts, 0.0)
-    real = shortfall / shortfall.sum() * add if shortfall.sum() > 0 else shares * add
-    return largest_remainder(real, add)
+def round_counts(shares: np.ndarray, total: int) -> np.ndarray:
+    """Draws per stratum in a round of ``total``: ``MIN_PER_ROUND`` each, the rest in proportion to ``shares``."""
+    rest = total - MIN_PER_ROUND * len(shares)
+    if rest < 0:
+        raise ValueError(f"a round of {total} draws cannot give {MIN_PER_ROUND} to each of {len(shares)} strata")
+    return MIN_PER_ROUND + largest_remainder(shares * rest, rest)
 
 
 # ----------------------------------------------------------------------------------------- adaptive loop
@@ -264,19 +260,20 @@ def top_up(counts: np.ndarray, shares: np.ndarray, new_total: int) -> np.ndarray
 class AdaptiveConfig:
     """Stopping targets and allocation knobs of one adaptive layer run.
 
-    The run stops once any given target is met: ``target_rel`` (half-width of the CI of the mean ΔLoss
-    relative to the mean) or ``target_abs`` (absolute half-width), or when ``max_injections`` is spent.
+    The run plans its last round to meet any given target: ``target_rel`` (half-width of the CI of the
+    mean ΔLoss relative to the mean) or ``target_abs`` (absolute half-width); it stops at
+    ``max_injections`` at the latest. Without a target that can be met it spends the whole budget.
     """
 
     target_rel: float | None = 0.1
     target_abs: float | None = None
     max_injections: int = 4096
-    pilot: int = 16  # draws per stratum in round 0; also the minimum any stratum ever gets
+    pilot: int = 16  # draws per stratum in round 0, which plans the first estimation round only
     defensive: float = 0.1
     confidence: float = 0.99
     min_round: int = 64
     min_increase: float = 0.1  # a round adds at least this share of the injections spent so far ...
-    growth: float = 2.0  # ... and at most multiplies them by this
+    growth: float = 2.0  # ... and at most multiplies them by this (unless it is the last round)
 
     def __post_init__(self) -> None:
         if self.max_injections < 1:
@@ -293,10 +290,11 @@ class AdaptiveConfig:
                 raise ValueError(f"{name} must be positive")
 
     def check_budget(self, strata: int) -> None:
-        """Raise ValueError when the pilot of ``strata`` strata alone exceeds ``max_injections``."""
-        if self.pilot * strata > self.max_injections:
+        """Raise ValueError when ``max_injections`` cannot hold the pilot and one estimation round."""
+        if (self.pilot + MIN_PER_ROUND) * strata > self.max_injections:
             raise ValueError(
-                f"max_injections {self.max_injections} is below the pilot ({self.pilot} x {strata} strata)"
+                f"max_injections {self.max_injections} is below the pilot ({self.pilot} x {strata} strata) "
+                f"plus one estimation round ({MIN_PER_ROUND} x {strata})"
             )
 
     def target_met(self, estimate: Estimate) -> bool:
@@ -308,7 +306,7 @@ class AdaptiveConfig:
         return self.target_rel is not None and estimate.half_width <= self.target_rel * abs(estimate.value)
 
     def target_half_width(self, estimate: Estimate) -> float:
-        """The widest half-width that would stop the run at the current estimate (0 when none)."""
+        """The widest half-width that would meet a target at the current estimate (0 when none)."""
         widths = [0.0]
         if self.target_abs is not None:
             widths.append(self.target_abs)
@@ -341,7 +339,7 @@ class RoundStore(Protocol):
 
 @dataclass(frozen=True)
 class StratumSummary:
-    """Per-stratum figures of a finished run."""
+    """Per-stratum figures of a finished run (over all its draws, pilot included)."""
 
     name: str
     weight: float
@@ -364,9 +362,10 @@ class StratifiedResult:
     non_finite: int
     mismatches: int  # observed count (the rate is the stratified estimate in ``mismatch``)
     rounds: int
-    stop_reason: str  # "target" or "max_injections"
-    uniform_equivalent_n: float  # uniform injections for the same half-width
+    stop_reason: str  # "target" (the last round was planned to meet it) or "max_injections"
+    uniform_equivalent_n: float  # uniform injections for the same variance
     strata: list[StratumSummary]
+    round_weights: list[float]  # λ_r of each round in the estimate (0 for the pilot); they sum to 1
     seconds: float
 
     @property
@@ -394,6 +393,62 @@ def same_sites(a: FaultSites, b: FaultSites) -> bool:
     return all(torch.equal(x, y) for x, y in ((a.image, b.image), (a.index, b.index), (a.bit, b.bit)))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The next round, fixed before any of its draws: sizes per stratum, weight λ, and whether it is the last."""
+
+    counts: np.ndarray
+    weight: float
+    last: bool
+    stop_reason: str
+
+
+def _cells(weights: np.ndarray, rounds: Sequence[tuple[float, list[Outcomes]]]) -> tuple[np.ndarray, list[Outcomes]]:
+    """(λ_r·W_b, outcomes) of every (estimation round, stratum) cell, flattened."""
+    cell_weights = np.concatenate([lam * weights for lam, _ in rounds]) if rounds else np.zeros(0)
+    return cell_weights, [o for _, per_stratum in rounds for o in per_stratum]
+
+
+def _plan_round(
+    weights: np.ndarray,
+    pooled: Sequence[Outcomes],
+    rounds: Sequence[tuple[float, list[Outcomes]]],
+    spent: int,
+    config: AdaptiveConfig,
+) -> _Plan:
+    """The next estimation round from the draws so far (all of them: planning may use anything before).
+
+    With the rounds' weights λ_j fixed, the estimate's variance is Σ λ_j² V_j, where a round of n draws at
+    shares π has V = Σ_b W_b² S_b² / (n π_b). The remaining mass m = 1 − Σ λ_j then needs
+    n = m² Σ_b W_b² S_b² / π_b / (h²/z² − Σ λ_j² V_j) more draws for the target half-width h (all of the
+    budget without a target). One round takes them if the growth bounds allow, and then gets λ = m;
+    otherwise the round takes its share of the plan, λ = m·n_r/n.
+    """
+    planning, sds = loss_estimate(weights, pooled, config.confidence)
+    shares = weights if math.isnan(planning.value) else allocation_shares(weights, sds, config.defensive)
+    mass = 1.0 - sum(lam for lam, _ in rounds)
+    accumulated = 0.0
+    if rounds:
+        partial, _ = loss_estimate(*_cells(weights, rounds))
+        accumulated = partial.variance * (1.0 - mass) ** 2  # the partial ratio divides by the mass used
+    h = config.target_half_width(planning)
+    allowed = (h / z_value(config.confidence)) ** 2 - accumulated
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_draw = float(np.sum(np.where(shares > 0, weights**2 * sds**2 / shares, 0.0)))
+    remaining = config.max_injections - spent
+    floor = min(max(config.min_round, math.ceil(config.min_increase * spent), MIN_PER_ROUND * len(weights)), remaining)
+    cap = max(floor, int(spent * (config.growth - 1)))
+    # When the weighted earlier rounds alone exceed the target variance, no round can meet it: spend the budget.
+    need = mass**2 * per_draw / allowed if h > 0 and allowed > 0 else math.inf
+    planned = min(need, remaining)
+    if planned <= cap or remaining - cap < floor:  # one round finishes the plan (or leaves too little for another)
+        size = min(max(math.ceil(planned), floor), remaining)
+        return _Plan(round_counts(shares, size), mass, True, "target" if need <= remaining else "max_injections")
+    # An intermediate round is weighted as if the plan were PLAN_MARGIN times larger, so that a plan that
+    # turns out too optimistic leaves enough weight for the rounds that follow.
+    return _Plan(round_counts(shares, cap), mass * cap / min(PLAN_MARGIN * planned, remaining), False, "")
+
+
 def run_adaptive(
     layer: str,
     strata: Sequence[Stratum],
@@ -404,19 +459,24 @@ def run_adaptive(
     store: RoundStore | None = None,
     on_round: Callable[[int, int, Estimate], None] | None = None,
 ) -> StratifiedResult:
-    """Pilot, then Neyman rounds until ``config``'s target or cap; resumes from ``store`` when given.
+    """Pilot, then estimation rounds until the planned last one; resumes from ``store`` when given.
 
-    Every decision depends only on the outcomes of earlier rounds and every draw only on
-    (stratum, round), so a rerun (or a resume from stored rounds) repeats the same faults and stops at
-    the same point. ``on_round(round, injections, estimate)`` is called after each round.
+    Round 0 (``pilot`` draws per stratum) only plans. Every later round r is allocated (Neyman with a
+    defensive share) and given its weight λ_r from earlier rounds only; its own stratified estimate is then
+    unbiased, and the estimate Σ λ_r Ẑ_r / Σ λ_r P̂_r combines rounds whose weights sum to 1 whatever the
+    stopping point (see docs/stratified.md). Every draw depends only on (stratum, round), so a rerun (or a
+    resume from stored rounds) repeats the same faults and stops at the same point.
+    ``on_round(round, injections, estimate)`` is called after each round.
     """
     start = time.perf_counter()
     config.check_budget(len(strata))
-    counts = np.full(len(strata), config.pilot, dtype=np.int64)
-    collected: list[list[Outcomes]] = [[] for _ in strata]
-    round_index, new = 0, counts
+    plan = _Plan(np.full(len(strata), config.pilot, dtype=np.int64), 0.0, False, "")
+    pooled: list[list[Outcomes]] = [[] for _ in strata]  # every draw, for planning
+    rounds: list[tuple[float, list[Outcomes]]] = []  # estimation rounds: (λ_r, outcomes per stratum)
+    round_weights: list[float] = []
+    round_index, spent = 0, 0
     while True:
-        labels, sites = _round_sites(strata, new, round_index, draw, layer)
+        labels, sites = _round_sites(strata, plan.counts, round_index, draw, layer)
         record = store.load(round_index) if store is not None else None
         if record is not None and not (same_sites(record.sites, sites) and np.array_equal(record.stratum, labels)):
             raise ValueError(f"stored round {round_index} of {layer} does not match the arguments of this run")
@@ -424,37 +484,37 @@ def run_adaptive(
             record = RoundRecord(round_index, labels, sites, evaluate(sites))
             if store is not None:
                 store.save(record)
-        for b in range(len(strata)):
-            collected[b].append(record.outcomes.take(labels == b))
-        per_stratum = [Outcomes.concat(parts) for parts in collected]
-        spent = int(sum(len(o) for o in per_stratum))
-        estimate, sds = loss_estimate(weights, per_stratum, config.confidence)
+        per_stratum = [record.outcomes.take(labels == b) for b in range(len(strata))]
+        for b, outcomes in enumerate(per_stratum):
+            pooled[b].append(outcomes)
+        if round_index > 0:
+            rounds.append((plan.weight, per_stratum))
+        round_weights.append(plan.weight)
+        spent += len(labels)
         if on_round is not None:
-            on_round(round_index, spent, estimate)
-        if config.target_met(estimate):
-            stop_reason = "target"
+            shown = loss_estimate(*_cells(weights, rounds), config.confidence)[0] if rounds else loss_estimate(
+                weights, [Outcomes.concat(p) for p in pooled], config.confidence)[0]
+            on_round(round_index, spent, shown)
+        if plan.last:
             break
-        if spent >= config.max_injections:
-            stop_reason = "max_injections"
-            break
+        plan = _plan_round(weights, [Outcomes.concat(p) for p in pooled], rounds, spent, config)
         round_index += 1
-        counts = np.array([len(o) for o in per_stratum], dtype=np.int64)
-        # No finite outcome yet means no variance to allocate by: sample proportionally meanwhile.
-        shares = weights if math.isnan(estimate.value) else allocation_shares(weights, sds, config.defensive)
-        new_total = _next_total(spent, weights, sds, shares, estimate, config)
-        new = top_up(counts, shares, new_total)
 
+    all_draws = [Outcomes.concat(p) for p in pooled]
+    cell_weights, cells = _cells(weights, rounds)
+    estimate = loss_estimate(cell_weights, cells, config.confidence)[0]
+    sds = loss_estimate(weights, all_draws, config.confidence)[1]
     return StratifiedResult(
         layer=layer,
         loss=estimate,
-        mismatch=mismatch_estimate(weights, per_stratum, config.confidence),
-        finite_fraction=finite_fraction(weights, per_stratum),
+        mismatch=mismatch_estimate(cell_weights, cells, config.confidence),
+        finite_fraction=finite_fraction(cell_weights, cells),
         n=spent,
-        non_finite=int(sum((~o.finite).sum() for o in per_stratum)),
-        mismatches=int(sum(o.mismatch.sum() for o in per_stratum)),
+        non_finite=int(sum((~o.finite).sum() for o in all_draws)),
+        mismatches=int(sum(o.mismatch.sum() for o in all_draws)),
         rounds=round_index + 1,
-        stop_reason=stop_reason,
-        uniform_equivalent_n=uniform_equivalent(weights, per_stratum, estimate.half_width, config.confidence),
+        stop_reason=plan.stop_reason,
+        uniform_equivalent_n=uniform_equivalent(weights, all_draws, estimate.variance),
         strata=[
             StratumSummary(
                 s.name,
@@ -465,33 +525,11 @@ def run_adaptive(
                 float(sd),
                 float(o.mismatch.mean()),
             )
-            for s, w, o, sd in zip(strata, weights, per_stratum, sds, strict=True)
+            for s, w, o, sd in zip(strata, weights, all_draws, sds, strict=True)
         ],
+        round_weights=round_weights,
         seconds=time.perf_counter() - start,
     )
-
-
-def _next_total(
-    spent: int,
-    weights: np.ndarray,
-    sds: np.ndarray,
-    shares: np.ndarray,
-    estimate: Estimate,
-    config: AdaptiveConfig,
-) -> int:
-    """Injections after the next round: the predicted need at the target allocation, within the bounds.
-
-    At shares π_b the variance with n draws is Σ W_b² S_b² / (n π_b), so the target half-width h needs
-    n = z² Σ W_b² S_b² / π_b / h². Rounds add at least ``min_round`` and ``min_increase`` x spent (so a
-    run whose estimate creeps towards the target does not crawl in tiny rounds) and at most multiply
-    by ``growth``.
-    """
-    h = config.target_half_width(estimate)
-    per_draw = float(np.sum(np.where(shares > 0, weights**2 * sds**2 / np.where(shares > 0, shares, 1), 0.0)))
-    need = (z_value(config.confidence) ** 2 * per_draw / h**2) if h > 0 else math.inf
-    floor = max(spent + config.min_round, spent * (1 + config.min_increase))
-    bounded = min(max(need, floor), spent * config.growth)
-    return int(min(math.ceil(bounded), config.max_injections))
 
 
 # ----------------------------------------------------------------------------------------- uniform reference

@@ -11,7 +11,7 @@ holds:
   kept as ``parts/LLLL-rRRRR-cCCCCC.parquet``, so a kill loses at most one chunk. All writes are atomic;
   a rerun loads what is there and continues;
 * ``layers/LLLL.json`` — the estimate of a finished layer;
-* once every layer is done: ``faults.parquet`` (plus a ``weight`` column: W_b·n/n_b, so the weighted
+* once every layer is done: ``faults.parquet`` (plus a ``weight`` column: λ_r·W_b·n/n_rb, so the weighted
   mean over finite faults is the stratified estimate), ``layers.csv``, ``layers.md``, ``strata.csv`` and
   ``summary.json``. Wall times go to ``runs.jsonl`` only.
 """
@@ -23,6 +23,7 @@ import math
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -314,7 +315,8 @@ class StratifiedCampaign:
                                      self.adaptive, rounds, on_round)
         write_json(
             self.out / "layers" / f"{position:04d}.json",
-            {"row": layer_row(plan, result), "strata": [asdict(s) for s in result.strata]},
+            {"row": layer_row(plan, result), "strata": [asdict(s) for s in result.strata],
+             "round_weights": result.round_weights},
         )
         self.results[plan.name] = result
         return result, rounds.loaded
@@ -386,7 +388,8 @@ def _read_layer(out: Path, position: int) -> dict[str, Any]:
 
 
 def layer_faults(out: Path, position: int, finished: dict[str, Any]) -> pa.Table:
-    """The fault records of a finished layer in round order, with their design weights W_b·n/n_b."""
+    """The fault records of a finished layer in round order, with their estimation weights λ_r·W_b·n/n_rb
+    (0 for the pilot round, which only plans)."""
     key = campaign_key(read_json(Path(out) / "campaign.json"))
     parts = [
         read_part(Path(out) / "parts" / f"{position:04d}-r{r:04d}.parquet", key, ROUND_SCHEMA)
@@ -394,8 +397,12 @@ def layer_faults(out: Path, position: int, finished: dict[str, Any]) -> pa.Table
     ]
     table = pa.concat_tables(parts)
     n = table.num_rows
-    weight = {s["name"]: s["weight"] * n / s["n"] for s in finished["strata"]}
-    return table.append_column("weight", pa.array([weight[name] for name in table.column("stratum").to_pylist()]))
+    stratum_weight = {s["name"]: s["weight"] for s in finished["strata"]}
+    cell = list(zip(table.column("round").to_pylist(), table.column("stratum").to_pylist(), strict=True))
+    counts = Counter(cell)
+    lam = finished["round_weights"]
+    weight = [lam[r] * stratum_weight[name] * n / counts[r, name] for r, name in cell]
+    return table.append_column("weight", pa.array(weight, pa.float64()))
 
 
 def stratified_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any], title: str) -> str:
@@ -455,7 +462,7 @@ def assemble_stratified(out: Path) -> dict[str, Any]:
         "n_per_layer": {r["layer"]: r["n"] for r in rows},
         "golden": record["golden"],
         "confidence": CONFIDENCE,
-        "ci": "stratified combined ratio estimator, delta-method variance, normal interval (docs/stratified.md)",
+        "ci": "stratified combined ratio estimator over estimation rounds, delta-method variance, skewness-corrected (Hall) interval (docs/stratified.md)",
     }
     faults = pa.concat_tables([layer_faults(out, i, f) for i, f in enumerate(finished)])
     write_parquet(out / "faults.parquet", faults)

@@ -1,0 +1,242 @@
+"""Bias and interval coverage of the campaign estimators on populations whose true mean ΔLoss is known.
+
+A population is one layer's faults split by flipped bit (ΔLoss per fault, NaN where the faulty loss is
+not finite). The uniform campaign draws bit and fault uniformly; the stratified one runs
+:func:`resilience.stratified.run_adaptive` with the population as its engine. Over many seeds the
+simulation reports each estimator's relative bias (with its standard error) and how often its 99%
+interval holds the true value, for one layer, for the network level (mean over layers) and for the
+improvement ratio of two models. Populations: :func:`synthetic_population` (shaped like real ΔLoss:
+tiny mantissa effects, rare huge exponent effects) or :func:`campaign_population` (the faults of a
+finished uniform campaign, resampled with replacement and taken as the ground truth).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from resilience import stratified as st
+from resilience.bitflip import FORMATS
+from resilience.engines.base import FaultSites
+from resilience.intervals import Moments, ratio_interval
+from resilience.metrics import mean_ci
+from resilience.sampling import stable_seed
+
+FP32 = FORMATS["fp32"]
+
+
+@dataclass(frozen=True)
+class Population:
+    """One layer's fault population by bit: ``per_bit[b]`` holds the ΔLoss of the faults flipping bit b."""
+
+    name: str
+    per_bit: tuple[np.ndarray, ...]
+
+    @property
+    def truth(self) -> float:
+        """The uniform campaign's target: mean ΔLoss over finite faults, bit uniform, fault uniform within."""
+        z = np.mean([np.nan_to_num(v, nan=0.0).mean() for v in self.per_bit])
+        p = np.mean([np.isfinite(v).mean() for v in self.per_bit])
+        return float(z / p)
+
+    def scaled(self, factor: float, name: str) -> Population:
+        """The same population with every ΔLoss multiplied by ``factor``."""
+        return Population(name, tuple(v * factor for v in self.per_bit))
+
+    @cached_property
+    def sizes(self) -> np.ndarray:
+        """Number of faults of each bit."""
+        return np.array([len(v) for v in self.per_bit])
+
+    @cached_property
+    def _flat(self) -> np.ndarray:
+        return np.concatenate(self.per_bit).astype(np.float64)
+
+    def values(self, bits: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """ΔLoss of the faults (bit, index within the bit's list); NaN where non-finite."""
+        return self._flat[np.cumsum(self.sizes)[bits] - self.sizes[bits] + index]
+
+    def outcomes(self, bits: np.ndarray, index: np.ndarray) -> st.Outcomes:
+        """Outcomes of the faults (bit, index within the bit's list)."""
+        values = self.values(bits, index)
+        finite = np.isfinite(values)
+        return st.Outcomes(np.where(finite, values, 0.0), finite, np.zeros(len(values), dtype=bool))
+
+
+def synthetic_population(seed: int = 0, per_bit: int = 20_000, name: str = "synthetic") -> Population:
+    """32 bit strata shaped like real ΔLoss: tiny values in mantissa bits 0–22, rare large values (≈ 10) in
+    exponent bits 23–29 (probability 0.002 rising to 0.05), bit 30 large (≈ 100) half the time, bit 31
+    (sign, ≈ 5) a fifth. Bit 30 carries most of the mean, the rare exponent values a few percent of it.
+
+    Large values are log-normal (σ = 0.5) so that the large ones vary too; the rest are exponential.
+    """
+    rng = np.random.default_rng(seed)
+    chance = dict(zip(range(23, 30), np.geomspace(0.002, 0.05, 7), strict=True)) | {30: 0.5, 31: 0.2}
+    scale = {b: 10.0 for b in range(23, 30)} | {30: 100.0, 31: 5.0}
+    bits = []
+    for b in range(32):
+        small = rng.exponential(1e-4 * 2.0 ** (min(b, 23) - 12), per_bit)
+        if b in chance:
+            large = rng.random(per_bit) < chance[b]
+            small[large] = scale[b] * rng.lognormal(0.0, 0.5, int(large.sum()))
+        bits.append(small)
+    return Population(name, tuple(bits))
+
+
+def campaign_population(folder: Path, layer: str) -> Population:
+    """The faults of ``layer`` in a finished uniform campaign folder, by bit (the ground-truth population)."""
+    table = pq.read_table(Path(folder) / "faults.parquet", columns=["layer", "bit", "delta_loss", "finite"])
+    mask = np.asarray(table.column("layer").to_pylist()) == layer
+    if not mask.any():
+        raise ValueError(f"{folder}: no faults of layer {layer!r}")
+    bits = table.column("bit").to_numpy()[mask]
+    values = np.where(table.column("finite").to_numpy()[mask], table.column("delta_loss").to_numpy()[mask], np.nan)
+    missing = sorted(set(range(FP32.bits)) - set(bits.tolist()))
+    if missing:
+        raise ValueError(f"{folder}: layer {layer!r} has no faults of bits {missing}; it cannot stand for the population")
+    return Population(f"{Path(folder).name}:{layer}", tuple(values[bits == b] for b in range(FP32.bits)))
+
+
+def campaign_layers(folder: Path) -> list[str]:
+    """Layer names of a campaign's fault records, in the order they were written."""
+    layers = pq.read_table(Path(folder) / "faults.parquet", columns=["layer"]).column("layer").to_pylist()
+    return list(dict.fromkeys(layers))
+
+
+# ----------------------------------------------------------------------------------------- one run per seed
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng(stable_seed(seed, stream))
+
+
+def uniform_draw(population: Population, n: int, seed: int) -> np.ndarray:
+    """``n`` uniform faults' ΔLoss (NaN: non-finite), as a uniform campaign of ``n`` injections would see."""
+    rng = _rng(seed, f"{population.name}|uniform")
+    bits = rng.integers(0, len(population.per_bit), n)
+    index = (rng.random(n) * population.sizes[bits]).astype(np.int64)
+    return population.values(bits, index)
+
+
+def uniform_moments(values: np.ndarray) -> Moments:
+    """The uniform campaign's mean over finite faults with its variance and third cumulant."""
+    return Moments.of_mean(values[np.isfinite(values)])
+
+
+def stratified_run(population: Population, seed: int, config: st.AdaptiveConfig) -> st.StratifiedResult:
+    """``run_adaptive`` on ``population`` (bit strata), draws seeded by (seed, stratum, round)."""
+    strata = st.make_strata(FP32, "bit")
+
+    def draw(stratum: st.Stratum, round_index: int, count: int) -> FaultSites:
+        b = stratum.bits[0]
+        rng = _rng(seed, f"{population.name}|{stratum.name}|{round_index}")
+        index = torch.from_numpy(rng.integers(0, len(population.per_bit[b]), count))
+        return FaultSites(population.name, torch.zeros(count, dtype=torch.int64), index, torch.full((count,), b))
+
+    def evaluate(sites: FaultSites) -> st.Outcomes:
+        return population.outcomes(sites.bit.numpy(), sites.index.numpy())
+
+    return st.run_adaptive(population.name, strata, st.stratum_weights(strata, FP32), draw, evaluate, config)
+
+
+# ----------------------------------------------------------------------------------------- summaries
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Relative bias and interval coverage of one estimator over many seeds."""
+
+    label: str
+    runs: int
+    mean_n: float
+    bias: float  # mean of (estimate − truth)/truth
+    bias_se: float
+    coverage: float  # share of runs whose interval holds the truth
+    rel_half_width: float  # median half-width / truth
+
+    def row(self) -> str:
+        """A Markdown table row."""
+        return (f"| {self.label} | {self.runs} | {self.mean_n:,.0f} | {100 * self.bias:+.2f}% ({100 * self.bias_se:.2f}%) "
+                f"| {100 * self.coverage:.1f}% | {100 * self.rel_half_width:.1f}% |")
+
+
+HEADER = ("| estimate and interval | seeds | mean injections | relative bias (SE) | 99% coverage | median ± |\n"
+          "|---|---:|---:|---:|---:|---:|")
+
+
+def coverage(label: str, truth: float, values: Sequence[float], intervals: Sequence[tuple[float, float]],
+             injections: Sequence[float]) -> Coverage:
+    """Summarise runs: estimates, their intervals and the injections each spent."""
+    rel = (np.asarray(values, dtype=np.float64) - truth) / truth
+    low, high = np.asarray(intervals, dtype=np.float64).T
+    return Coverage(label, len(rel), float(np.mean(injections)), float(rel.mean()),
+                    float(rel.std(ddof=1) / math.sqrt(len(rel))), float(np.mean((low <= truth) & (truth <= high))),
+                    float(np.median((high - low) / 2 / truth)))
+
+
+def simulate_uniform(population: Population, n: int, seeds: Sequence[int], confidence: float = 0.99) -> list[Coverage]:
+    """The uniform campaign of ``n`` injections: its normal interval (as in layers.csv) and Hall's."""
+    finite = [v[np.isfinite(v)] for v in (uniform_draw(population, n, seed) for seed in seeds)]
+    runs = [Moments.of_mean(v) for v in finite]
+    normal = [mean_ci(v, confidence)[2:] for v in finite]
+    values = [m.value for m in runs]
+    return [
+        coverage(f"{population.name} uniform n={n}, normal", population.truth, values, normal, [n] * len(runs)),
+        coverage(f"{population.name} uniform n={n}, Hall", population.truth, values,
+                 [m.interval(confidence) for m in runs], [n] * len(runs)),
+    ]
+
+
+def simulate_stratified(population: Population, config: st.AdaptiveConfig, seeds: Sequence[int], label: str) -> Coverage:
+    """The stratified estimator (its skewness-corrected interval) under ``config``."""
+    runs = [stratified_run(population, seed, config) for seed in seeds]
+    return coverage(f"{population.name} stratified {label}", population.truth, [r.loss.value for r in runs],
+                    [(r.loss.low, r.loss.high) for r in runs], [r.n for r in runs])
+
+
+def simulate_network(base: Sequence[Population], text: Sequence[Population], n: int, seeds: Sequence[int],
+                     confidence: float = 0.99) -> list[Coverage]:
+    """Uniform campaigns of ``n`` injections per layer on two models: the network level (mean over layers)
+    of each and the improvement ratio (baseline / text), with the skewness-corrected intervals."""
+    truth = {"base": np.mean([p.truth for p in base]), "text": np.mean([p.truth for p in text])}
+    nets: dict[str, list[Moments]] = {"base": [], "text": []}
+    for seed in seeds:
+        for key, layers in (("base", base), ("text", text)):
+            parts = [uniform_moments(uniform_draw(p, n, seed)) for p in layers]
+            nets[key].append(Moments.weighted_sum(np.full(len(parts), 1 / len(parts)), parts))
+    rows = [
+        coverage(f"network level ({key}, {len(layers)} layers) uniform n={n}, Hall", truth[key],
+                 [m.value for m in nets[key]], [m.interval(confidence) for m in nets[key]], [n * len(layers)] * len(seeds))
+        for key, layers in (("base", base), ("text", text))
+    ]
+    ratios = [a.value / b.value for a, b in zip(nets["base"], nets["text"], strict=True)]
+    rows.append(coverage(f"improvement ratio uniform n={n}, Fieller-Hall", truth["base"] / truth["text"], ratios,
+                         [ratio_interval(a, b, confidence) for a, b in zip(nets["base"], nets["text"], strict=True)],
+                         [n * (len(base) + len(text))] * len(seeds)))
+    return rows
+
+
+def report(populations: Sequence[Population], seeds: Sequence[int], uniform_n: Sequence[int],
+           budgets: Sequence[int], target: float, cap: int, pilot: int = 16,
+           echo: Callable[[str], None] = print) -> list[Coverage]:
+    """Every single-layer row for every population (uniform at ``uniform_n``, stratified at fixed ``budgets``
+    and adaptive to ``target``), echoed as they finish; returns them."""
+    rows = []
+    for population in populations:
+        echo(f"# {population.name}: true mean ΔLoss {population.truth:.6g}")
+        found = [*(r for n in uniform_n for r in simulate_uniform(population, n, seeds))]
+        found += [simulate_stratified(population, st.AdaptiveConfig(target_rel=None, max_injections=b, pilot=pilot),
+                                      seeds, f"fixed {b}") for b in budgets]
+        found.append(simulate_stratified(population, st.AdaptiveConfig(target_rel=target, max_injections=cap,
+                                                                        pilot=pilot), seeds, f"to ±{target:g} (cap {cap})"))
+        for row in found:
+            echo(row.row())
+        rows += found
+    return rows

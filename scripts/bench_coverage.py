@@ -1,0 +1,92 @@
+"""Bias and 99%-interval coverage of the uniform and stratified estimators over many seeds.
+
+    .venv/bin/python scripts/bench_coverage.py --seeds 500 --out runs/coverage.md
+    .venv/bin/python scripts/bench_coverage.py --campaign runs/fi_linear --campaign runs/fi_text --layers 'fc|head'
+
+Populations: the synthetic one of ``resilience.interval_coverage.synthetic_population`` (always), and every
+layer of each ``--campaign`` folder (a finished uniform campaign whose faults are taken as the ground-truth
+population and resampled with replacement; ``--layers`` picks layers by regular expression). Per
+population: the uniform campaign at each ``--uniform-n`` (normal and skewness-corrected intervals), the
+stratified one at each fixed ``--budget`` and run adaptively to ``--target-ci``. Then the network level
+(mean over layers) and the improvement ratio of two models under uniform sampling: synthetic layers, or
+the layers of the first two campaigns. Prints Markdown rows as they finish; ``--out`` also writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resilience import interval_coverage as ic  # noqa: E402
+from resilience.storage import write_text  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Options of the coverage benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=500, help="runs per estimator (seeds 0..N-1)")
+    parser.add_argument("--uniform-n", type=int, nargs="+", default=[1024, 4096], metavar="N")
+    parser.add_argument("--budget", type=int, nargs="+", default=[1300, 2600], metavar="N",
+                        help="fixed stratified budgets per layer")
+    parser.add_argument("--target-ci", type=float, default=0.1, metavar="REL")
+    parser.add_argument("--cap", type=int, default=65536, help="cap of the adaptive stratified runs")
+    parser.add_argument("--pilot", type=int, default=16)
+    parser.add_argument("--campaign", action="append", default=[], metavar="DIR",
+                        help="finished uniform campaign whose layers serve as populations (repeatable)")
+    parser.add_argument("--layers", default=None, metavar="REGEX", help="campaign layers to use (default all)")
+    parser.add_argument("--network-layers", type=int, default=4, help="synthetic layers per model")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the rows here (Markdown)")
+    return parser
+
+
+def campaign_populations(folder: str, pattern: str | None) -> list[ic.Population]:
+    """The chosen layers of one campaign folder as populations."""
+    if not (Path(folder) / "faults.parquet").is_file():
+        raise ValueError(f"{folder} has no faults.parquet (a finished uniform campaign is needed)")
+    names = [n for n in ic.campaign_layers(Path(folder)) if pattern is None or re.search(pattern, n)]
+    if not names:
+        raise ValueError(f"{folder}: no layer matches {pattern!r}")
+    return [ic.campaign_population(Path(folder), name) for name in names]
+
+
+def main(opts: argparse.Namespace) -> int:
+    """Run every simulation and print (and write) the table."""
+    if opts.seeds < 2 or opts.target_ci <= 0 or min(opts.uniform_n + opts.budget) < 2 or opts.network_layers < 1:
+        raise ValueError("need --seeds >= 2, --target-ci > 0, budgets and --uniform-n >= 2, --network-layers >= 1")
+    models = [campaign_populations(folder, opts.layers) for folder in opts.campaign]
+    lines: list[str] = []
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    seeds = range(opts.seeds)
+    echo(ic.HEADER)
+    ic.report([ic.synthetic_population(), *(p for m in models for p in m)], seeds, opts.uniform_n, opts.budget,
+              opts.target_ci, opts.cap, opts.pilot, echo)
+    if len(models) >= 2:
+        base, text = models[0], models[1]
+    else:
+        base = [ic.synthetic_population(seed=i, per_bit=5000, name=f"base{i}") for i in range(opts.network_layers)]
+        text = [ic.synthetic_population(seed=100 + i, per_bit=5000).scaled(0.25, f"text{i}")
+                for i in range(opts.network_layers)]
+    echo(f"# network level and improvement ratio: {len(base)} + {len(text)} layers")
+    for n in opts.uniform_n:
+        for row in ic.simulate_network(base, text, n, seeds):
+            echo(row.row())
+    if opts.out:
+        write_text(Path(opts.out), "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

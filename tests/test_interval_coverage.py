@@ -1,0 +1,194 @@
+"""Unbiasedness of the stratified design (exact, by enumerating every draw sequence), the skewness-corrected
+and ratio intervals on hand-computable cases, and bias and coverage on a seeded heavy-tailed simulation."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from resilience import interval_coverage as ic
+from resilience import stratified as st
+from resilience.engines.base import FaultSites
+from resilience.intervals import Moments, ratio_interval, studentised_bounds
+from resilience.sampling import z_value
+
+ROOT = Path(__file__).resolve().parents[1]
+Z = z_value(0.99)
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------- intervals by hand
+
+
+def test_moments_of_a_mean_and_of_weighted_sums() -> None:
+    # x = (0, 0, 3): mean 1, s² = 3 so V = 1; Σ(x − x̄)³ = 6, k₃ = 3/(2·1)·6 = 9, third cumulant 9/3² = 1
+    m = Moments.of_mean(np.array([0.0, 0.0, 3.0]))
+    assert (m.value, m.variance, m.third) == pytest.approx((1.0, 1.0, 1.0))
+    combined = Moments.weighted_sum([1.0, 0.5, 0.0], [m, Moments(2.0, 4.0, 8.0), Moments(math.nan, math.inf)])
+    assert (combined.value, combined.variance, combined.third) == pytest.approx((2.0, 2.0, 2.0))
+    assert Moments.of_mean(np.array([5.0])).variance == math.inf
+
+
+def test_hall_interval_is_normal_without_skew_and_leans_with_it() -> None:
+    assert Moments(10.0, 4.0, 0.0).interval(0.99) == pytest.approx((10 - 2 * Z, 10 + 2 * Z))
+    low, high = Moments(10.0, 4.0, 4.0).interval(0.99)  # skewness 0.5: a right tail
+    assert high - 10 > 2 * Z > 10 - low > 0
+    mirrored = Moments(10.0, 4.0, -4.0).interval(0.99)
+    assert mirrored == pytest.approx((20 - high, 20 - low))
+    # The bounds invert Hall's g(t) = t + a t² + a² t³/3 + b (a = γ/3, b = γ/6): g maps them back to ∓z.
+    gamma = 0.5
+    a, b = gamma / 3, gamma / 6
+    for t, target in zip(studentised_bounds(gamma, 0.99), (-Z, Z), strict=True):
+        assert t + a * t**2 + a**2 * t**3 / 3 + b == pytest.approx(target)
+
+
+def test_ratio_interval_is_fiellers_without_skew() -> None:
+    # B known exactly: the interval of A divided by b
+    assert ratio_interval(Moments(10.0, 1.0), Moments(2.0, 0.0), 0.99) == pytest.approx(((10 - Z) / 2, (10 + Z) / 2))
+    # Fieller: (a − ρ b)² = z² (v_a + ρ² v_b)  ⇔  (b² − z² v_b) ρ² − 2ab ρ + a² − z² v_a = 0
+    a, va, b, vb = 10.0, 1.0, 2.0, 0.04
+    qa, qb, qc = b * b - Z * Z * vb, -2 * a * b, a * a - Z * Z * va
+    roots = sorted((-qb + s * math.sqrt(qb * qb - 4 * qa * qc)) / (2 * qa) for s in (-1, 1))
+    assert ratio_interval(Moments(a, va), Moments(b, vb), 0.99) == pytest.approx(roots, rel=1e-6)
+    # a denominator indistinguishable from 0 leaves the interval open above
+    low, high = ratio_interval(Moments(10.0, 1.0), Moments(1.0, 1.0), 0.99)
+    assert 0 < low < 10 and high == math.inf
+
+
+# ----------------------------------------------------------------------------------------- exact unbiasedness
+
+
+def every_draw_sequence(run: Callable[[Callable[[int], int]], T]) -> Iterator[tuple[T, float]]:
+    """(run's value, probability) for every sequence of uniform choices ``run`` can make, depth first.
+
+    ``run`` gets ``choose(k)``, which returns an index in 0..k−1; later choices may depend on earlier ones.
+    """
+    prefix: list[int] = []
+    while True:
+        trail: list[tuple[int, int]] = []
+
+        def choose(k: int, prefix: list[int] = prefix, trail: list[tuple[int, int]] = trail) -> int:
+            c = prefix[len(trail)] if len(trail) < len(prefix) else 0
+            trail.append((c, k))
+            return c
+
+        value = run(choose)
+        yield value, math.prod(1 / k for _, k in trail)
+        while trail and trail[-1][0] == trail[-1][1] - 1:
+            trail.pop()
+        if not trail:
+            return
+        prefix = [c for c, _ in trail[:-1]] + [trail[-1][0] + 1]
+
+
+def test_stratified_estimate_is_exactly_unbiased_under_adaptive_allocation_and_stopping() -> None:
+    """Every draw sequence of a small adaptive run, weighted by its probability: the expected estimate is the
+    population mean, although allocation, round sizes, round weights and the stopping point all vary."""
+    values = {"a": np.array([1.0]), "b": np.array([0.0, 5.0])}
+    strata = [st.Stratum("a", (0,)), st.Stratum("b", (1,))]
+    weights = np.array([0.3, 0.7])
+    truth = 0.3 * 1.0 + 0.7 * 2.5
+    config = st.AdaptiveConfig(target_rel=0.3, max_injections=16, pilot=2, min_round=4, growth=2.5)
+    shapes = set()
+
+    def run(choose: Callable[[int], int]) -> tuple[float, float]:
+        def draw(stratum: st.Stratum, _round: int, count: int) -> FaultSites:
+            index = torch.tensor([choose(len(values[stratum.name])) for _ in range(count)], dtype=torch.int64)
+            return FaultSites("x", torch.zeros(count, dtype=torch.int64), index, torch.full((count,), stratum.bits[0]))
+
+        def evaluate(sites: FaultSites) -> st.Outcomes:
+            y = np.array([values[strata[b].name][i] for b, i in zip(sites.bit.tolist(), sites.index.tolist(), strict=True)])
+            return st.Outcomes(y, np.ones(len(y), bool), np.zeros(len(y), bool))
+
+        result = st.run_adaptive("x", strata, weights, draw, evaluate, config)
+        shapes.add((tuple(s.n for s in result.strata), tuple(np.round(result.round_weights, 6))))
+        return result.loss.value, float(weights @ [s.mean_delta_loss for s in result.strata])
+
+    total_p, expectation, pooled_expectation = 0.0, 0.0, 0.0
+    for (estimate, pooled), p in every_draw_sequence(run):
+        total_p += p
+        expectation += p * estimate
+        pooled_expectation += p * pooled
+    assert total_p == pytest.approx(1.0)
+    assert len(shapes) >= 3, "the design must actually adapt (round sizes differ between sequences)"
+    assert expectation == pytest.approx(truth, rel=1e-9)
+    # Pooling every draw of a stratum, as an allocation fed by those same draws does, is biased here.
+    assert abs(pooled_expectation - truth) > 1e-3 * truth
+
+
+# ----------------------------------------------------------------------------------------- seeded simulation
+
+SEEDS = range(100)
+
+
+@pytest.fixture(scope="module")
+def population() -> ic.Population:
+    return ic.synthetic_population()
+
+
+def within_three_se(row: ic.Coverage) -> bool:
+    return abs(row.bias) <= 3 * row.bias_se
+
+
+def test_stratified_runs_are_unbiased_and_cover(population: ic.Population) -> None:
+    fixed = ic.simulate_stratified(population, st.AdaptiveConfig(target_rel=None, max_injections=2600), SEEDS, "fixed")
+    adaptive = ic.simulate_stratified(population, st.AdaptiveConfig(target_rel=0.1, max_injections=20_000), SEEDS, "0.1")
+    for row in (fixed, adaptive):
+        assert within_three_se(row), row
+        assert row.coverage >= 0.97, row
+    assert adaptive.rel_half_width < 0.12 and adaptive.mean_n < fixed.mean_n
+
+
+def test_uniform_hall_interval_covers_where_the_normal_one_may_not(population: ic.Population) -> None:
+    normal, hall = ic.simulate_uniform(population, 1024, SEEDS)
+    assert within_three_se(hall)
+    assert hall.coverage >= 0.97 and hall.coverage >= normal.coverage
+
+
+def test_network_level_and_ratio_intervals_cover() -> None:
+    base = [ic.synthetic_population(seed=s, per_bit=2000, name=f"b{s}") for s in (0, 1)]
+    text = [ic.synthetic_population(seed=s, per_bit=2000).scaled(0.25, f"t{s}") for s in (2, 3)]
+    rows = ic.simulate_network(base, text, 1024, SEEDS)
+    assert [r.label.split(" ")[0] for r in rows] == ["network", "network", "improvement"]
+    for row in rows:
+        assert row.coverage >= 0.97, row
+
+
+# ----------------------------------------------------------------------------------------- real campaigns
+
+
+def write_faults(folder: Path, bits: list[int], values: list[float]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    finite = [math.isfinite(v) for v in values]
+    pq.write_table(pa.table({"layer": ["l"] * len(bits), "bit": pa.array(bits, pa.int16()),
+                             "delta_loss": values, "finite": finite}), folder / "faults.parquet")
+
+
+def test_campaign_population_is_the_uniform_campaigns_target(tmp_path: Path) -> None:
+    bits = [b for b in range(32) for _ in range(2)]
+    values = [float(b) for b in bits]
+    values[-1] = math.inf  # one non-finite fault of bit 31, left out as the campaign does
+    write_faults(tmp_path / "c", bits, values)
+    population = ic.campaign_population(tmp_path / "c", "l")
+    # bit 31 contributes 31 with weight 1/2 of a stratum: (Σ_{b<31} b + 31/2) / (31 + 1/2)
+    assert population.truth == pytest.approx((sum(range(31)) + 15.5) / 31.5)
+    write_faults(tmp_path / "short", bits[:-2], values[:-2])
+    with pytest.raises(ValueError, match=r"no faults of bits \[31\]"):
+        ic.campaign_population(tmp_path / "short", "l")
+
+
+def test_benchmark_script_refuses_a_folder_without_faults(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_coverage.py"), "--campaign", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "faults.parquet" in done.stderr
+    assert done.stderr.count("\n") == 1
