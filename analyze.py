@@ -25,6 +25,7 @@ from analysis.pipeline import StepFailed, run_steps
 from analysis.top2diff_sweep import DEFAULT_DELTAS, accuracy_above, crossing_point, plot_sweep
 from analysis.value_ranges import plot_ranges, range_rows, write_range_csv
 from models.device import DeviceUnavailable, resolve_device
+from resilience import arithmetic
 from resilience.bitflip import get_format
 from resilience.golden import EvaluatedImages, evaluated_ids, golden_pass
 from resilience.layers import discover_layers
@@ -60,9 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     ranges = sub.add_parser("value-ranges", help="max and mean |activation| per layer (Figure 3)",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_pair_arguments(ranges)
+    arithmetic.add_arguments(ranges)
     sweep = sub.add_parser("top2diff-sweep", help="accuracy against a Top2Diff threshold (Figure 4)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_pair_arguments(sweep)
+    arithmetic.add_arguments(sweep)
     sweep.add_argument("--deltas", type=float, nargs="+", default=list(DEFAULT_DELTAS), metavar="δ",
                        help="thresholds in percentage points (default 1 2 ... 40)")
 
@@ -93,6 +96,7 @@ def load_pair(args: argparse.Namespace) -> tuple[list[tuple[str, torch.nn.Module
         if not Path(path).is_file():
             raise AnalysisError(f"{label} checkpoint not found: {path}")
         model, meta = models.load_checkpoint(path, dataset=args.dataset, allow_unsafe=args.allow_unsafe)
+        arithmetic.select_layers(model)
         loaded.append((label, model.eval(), dict(meta)))
     dataset = args.dataset or loaded[0][2].get("dataset")
     if not dataset:
@@ -203,10 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --max-images must be at least 1", file=sys.stderr)
         return 2
     run = {"value-ranges": value_ranges, "top2diff-sweep": top2diff_sweep, "ablation": ablation}[args.command]
+    # the ablation's training and campaigns take their arithmetic from --train-args / --inject-args
+    chosen = arithmetic.from_args(args) if hasattr(args, "math") else arithmetic.STRICT_FP32
     try:
-        run(args)
+        with arithmetic.applied(chosen):
+            run(args)
     except (AnalysisError, DeviceUnavailable, StepFailed, ReportError, models.CheckpointError,
-            data.DatasetUnavailable) as exc:
+            data.DatasetUnavailable, arithmetic.ArithmeticOptionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

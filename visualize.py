@@ -48,6 +48,7 @@ from analysis.faults_for_cam import (
     fault_list_row,
     pair_faults,
 )
+from resilience import arithmetic
 from resilience.storage import atomic_write, write_json
 from resilience.weights.fault_list import FaultList, parse_index, write_fault_list
 from resilience.weights.faults import WeightFault, WeightFaultError
@@ -119,6 +120,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    arithmetic.add_arguments(parser)
     return parser
 
 
@@ -209,6 +211,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     spec = fault_spec(args)
     pair = load_pair(args)
+    for model, _ in pair:
+        arithmetic.select_layers(model)
     dataset, preset = resolve_inputs(args, [meta for _, meta in pair])
     class_names = data.get_class_names(dataset)
     images = load_images(args, dataset, preset)
@@ -254,14 +258,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input in one line (printed without a traceback)."""
-    return CamError, FaultSpecError, WeightFaultError, data.DatasetUnavailable, models.CheckpointError
+    return (CamError, FaultSpecError, WeightFaultError, data.DatasetUnavailable, models.CheckpointError,
+            arithmetic.ArithmeticOptionError)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run, and turn bad input into one ``error:`` line and exit code 2."""
     args = get_args_parser().parse_args(argv)
     try:
-        main(args)
+        with arithmetic.applied(arithmetic.from_args(args)):
+            main(args)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
