@@ -27,6 +27,7 @@ from analysis.value_ranges import plot_ranges, range_rows, write_range_csv
 from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
 from models.checkpoint import require_head
 from models.device import resolve_device
+from resilience import arithmetic
 from resilience.bitflip import get_format
 from resilience.golden import EvaluatedImages, evaluated_ids, golden_pass
 from resilience.layers import discover_layers
@@ -64,9 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     ranges = sub.add_parser("value-ranges", help="max and mean |activation| per layer (Figure 3)",
                             formatter_class=HelpFormatter)
     add_pair_arguments(ranges)
+    arithmetic.add_arguments(ranges)
     sweep = sub.add_parser("top2diff-sweep", help="accuracy against a Top2Diff threshold (Figure 4)",
                            formatter_class=HelpFormatter)
     add_pair_arguments(sweep)
+    arithmetic.add_arguments(sweep)
     sweep.add_argument("--deltas", type=float, nargs="+", default=list(DEFAULT_DELTAS), metavar="δ",
                        help="thresholds in percentage points (default 1 2 ... 40)")
 
@@ -98,6 +101,7 @@ def load_pair(args: argparse.Namespace) -> tuple[list[tuple[str, torch.nn.Module
             raise AnalysisError(f"{label} checkpoint not found: {path}")
         model, meta = models.load_checkpoint(path, dataset=args.dataset, allow_unsafe=args.allow_unsafe)
         require_head(meta, HEAD_OF[label], f"--{OPTION_OF[label]}", path)
+        arithmetic.select_layers(model)
         loaded.append((label, model.eval(), dict(meta)))
     dataset = args.dataset or loaded[0][2].get("dataset")
     if not dataset:
@@ -205,7 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand, report bad input as one ``error:`` line (exit code 2)."""
     args = get_args_parser().parse_args(argv)
     run = {"value-ranges": value_ranges, "top2diff-sweep": top2diff_sweep, "ablation": ablation}[args.command]
-    return run_cli(lambda: run(args))
+    # the ablation's training and campaigns take their arithmetic from --train-args / --inject-args
+    chosen = arithmetic.from_args(args) if hasattr(args, "math") else arithmetic.STRICT_FP32
+
+    def run_in_arithmetic() -> Any:
+        with arithmetic.applied(chosen):
+            return run(args)
+
+    return run_cli(run_in_arithmetic)
 
 
 if __name__ == "__main__":

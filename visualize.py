@@ -49,6 +49,7 @@ from analysis.faults_for_cam import (
 )
 from cli_shell import HelpFormatter, non_negative_int, positive_int, run_cli
 from models.checkpoint import require_head
+from resilience import arithmetic
 from resilience.storage import atomic_write, write_json
 from resilience.weights.fault_list import FaultList, parse_index, write_fault_list
 from resilience.weights.faults import WeightFault
@@ -120,6 +121,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    arithmetic.add_arguments(parser)
     return parser
 
 
@@ -209,6 +211,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     spec = fault_spec(args)
     pair = load_pair(args)
+    for model, _ in pair:
+        arithmetic.select_layers(model)
     dataset, preset = resolve_inputs(args, [meta for _, meta in pair])
     class_names = data.get_class_names(dataset)
     images = load_images(args, dataset, preset)
@@ -255,7 +259,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run, and turn bad input into one ``error:`` line and exit code 2."""
     args = get_args_parser().parse_args(argv)
-    return run_cli(lambda: main(args))
+
+    def run_in_arithmetic() -> Any:
+        with arithmetic.applied(arithmetic.from_args(args)):
+            return main(args)
+
+    return run_cli(run_in_arithmetic)
 
 
 if __name__ == "__main__":

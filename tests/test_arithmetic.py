@@ -249,3 +249,27 @@ def test_dnn_benchmarks_layer3_low_bits_are_their_tf32_masked_set(tmp_path: Path
     assert ours.equals(theirs) and 0 < ours.sum() < len(table)
     assert (ours | ~table["tf32_removes_flip"]).all() and table["tf32_removes_flip"].sum() > len(table) / 2
     assert figures["golden_accuracy"] == pytest.approx(0.912, abs=0.002)
+
+
+@pytest.mark.skipif(not (REFERENCE_DIR / "dnn-benchmarks" / "cifar10" / "ResNet20.th").is_file(),
+                    reason="../shared/reference assets absent")
+def test_weight_run_records_its_arithmetic_and_refuses_another(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = pytest.importorskip("data")
+    try:
+        data.build_dataset("fashion-mnist", "test", download=False)
+    except data.DatasetUnavailable as exc:
+        pytest.skip(str(exc))
+    from resilience.weights.cli import main as weights_main
+
+    bench = REFERENCE_DIR / "dnn-benchmarks" / "cifar10"
+    args = ["run", "--fault-list", str(bench / "ResNet20_FL.csv"), "--checkpoint", str(bench / "ResNet20.th"),
+            "--model", "resnet20", "--dataset", "fashion-mnist", "--preset-from", "cifar10", "--limit-faults", "3",
+            "--max-images", "16", "--out", str(tmp_path), "--no-progress", "-j", "0"]
+    tf32 = ["--math", "tf32", "--tf32-layers", r"^layer3\."]
+    assert weights_main([*args, *tf32]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["arithmetic"] == Arithmetic(math="tf32", tf32_layers=r"^layer3\.").describe()
+    assert weights_main([*args, *tf32]) == 0 and "already complete" in capsys.readouterr().out
+    assert weights_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "another arithmetic" in err and err.count("\n") == 1
