@@ -1,10 +1,12 @@
 """Stratified-by-bit adaptive sampling of neuron faults (see docs/stratified.md for the formulas).
 
 A uniform campaign draws the flipped bit uniformly, although nearly all of the ΔLoss variance sits in
-the sign and high exponent bits. Here each bit position (or a group of bits) is a stratum; a pilot
-round per stratum is followed by rounds allocated in proportion to W_b·S_b (Neyman) until the 99%
-confidence interval of the layer's mean ΔLoss is as narrow as asked. The estimate targets exactly what
-the uniform campaign estimates: the mean ΔLoss over finite outcomes, μ = E[ΔL·1{finite}] / P(finite).
+the sign and high exponent bits. Here each bit position (or a group of bits) is a stratum; a planning
+pilot per stratum is followed by estimation rounds allocated in proportion to W_b·S_b (Neyman) until
+the 99% confidence interval of the layer's mean ΔLoss is as narrow as asked. The estimate targets what
+the uniform campaign estimates, the mean ΔLoss over finite outcomes, μ = E[ΔL·1{finite}] / P(finite),
+and stays unbiased under the adaptive allocation and stopping: every round's allocation and weight
+are fixed from earlier rounds only, and the weights sum to 1 whenever the run stops.
 
 This module knows nothing about models or engines: it draws :class:`FaultSites` through a
 ``SiteDrawer`` and scores them through an ``Evaluator`` (per-fault ΔLoss, finite flag, mismatch flag).
