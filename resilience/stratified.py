@@ -146,10 +146,6 @@ class Estimate:
         return self.low <= truth <= self.high
 
 
-def _sample_var(x: np.ndarray) -> float:
-    return float(np.var(x, ddof=1)) if len(x) > 1 else math.inf
-
-
 def stratified_ratio(
     weights: np.ndarray,
     numerators: Sequence[np.ndarray],
@@ -172,9 +168,10 @@ def stratified_ratio(
         return Estimate(math.nan, math.nan, math.nan, math.nan), np.full(len(weights), math.inf)
     ratio = float(weights[used] @ num[used]) / total_den
     residuals = [(y - ratio * x) / total_den for y, x in zip(numerators, denominators, strict=True)]
-    linear = Moments.weighted_sum(weights, [Moments.of_mean(d) for d in residuals])
+    cells = [Moments.of_mean(d) for d in residuals]
+    linear = Moments.weighted_sum(weights, cells)
     low, high = Moments(ratio, linear.variance, linear.third).interval(confidence)
-    sds = np.array([math.sqrt(_sample_var(d)) for d in residuals])
+    sds = np.array([math.sqrt(m.variance * len(d)) if len(d) > 1 else math.inf for m, d in zip(cells, residuals, strict=True)])
     return Estimate(ratio, linear.variance, low, high), sds
 
 
