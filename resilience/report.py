@@ -4,7 +4,8 @@ Improvement = baseline ΔLoss / text-guided ΔLoss (> 1: the text-guided model i
 Last layer: the baseline's classifier layer against the text head's two layers (B→E and E→C) averaged
 with their output-neuron counts as weights, or against the fused B→C layer of a third campaign run
 with ``inject.py --fuse-text-head``. Overall: ratio of the network-level ΔLoss (mean of layer ΔLoss).
-Both ratios get a 99% bootstrap interval when the campaigns kept their per-fault records
+When both campaigns kept their per-fault records, the layer and network-level ΔLoss get 99%
+skewness-corrected (Hall) intervals and both ratios a corrected Fieller interval
 (:mod:`resilience.improvement_ci`).
 """
 
@@ -21,7 +22,12 @@ from typing import Any
 
 from cli_shell import UserError, differences
 from resilience.figures import pyplot, save_png
-from resilience.improvement_ci import DEFAULT_CONFIDENCE, has_fault_records, improvement_intervals
+from resilience.improvement_ci import (
+    DEFAULT_CONFIDENCE,
+    has_fault_records,
+    improvement_intervals,
+    layer_intervals,
+)
 from resilience.storage import read_json, write_text
 
 TEXT_PREFIX = "backbone."  # the text model's backbone layers are the baseline's layers under this prefix
@@ -157,7 +163,7 @@ def table1_row(base: CampaignResult, text: CampaignResult, fused: CampaignResult
     if fused is not None:
         fused_last = fused.layer(fused.summary["last_layers"][0])["mean_delta_loss"]
     base_top2, text_top2 = base.summary["golden"]["mean_top2diff"], text.summary["golden"]["mean_top2diff"]
-    intervals = {"last_layer": (math.nan, math.nan), "overall": (math.nan, math.nan)}
+    intervals = dict.fromkeys(("last_layer", "overall", "baseline_network", "text_network"), (math.nan, math.nan))
     if has_fault_records(base.path, base.summary) and has_fault_records(text.path, text.summary):
         text_last_layers = [(name, text.layer(name)["neurons"]) for name in text.summary["last_layers"]]
         intervals = improvement_intervals(base.path, text.path, base.summary["last_layers"][0], text_last_layers)
@@ -177,7 +183,11 @@ def table1_row(base: CampaignResult, text: CampaignResult, fused: CampaignResult
         "fused_last_layer_delta_loss": fused_last,
         "fused_last_layer_improvement": _ratio(base_last, fused_last),
         "baseline_delta_loss": base.delta_loss(),
+        "baseline_delta_loss_ci_low": intervals["baseline_network"][0],
+        "baseline_delta_loss_ci_high": intervals["baseline_network"][1],
         "text_delta_loss": text.delta_loss(),
+        "text_delta_loss_ci_low": intervals["text_network"][0],
+        "text_delta_loss_ci_high": intervals["text_network"][1],
         "overall_improvement": _ratio(base.delta_loss(), text.delta_loss()),
         "overall_improvement_ci_low": intervals["overall"][0],
         "overall_improvement_ci_high": intervals["overall"][1],
@@ -229,8 +239,11 @@ def table1_markdown(row: dict[str, Any]) -> str:
         f"{_cell(row['baseline_delta_loss'], '.4g')} vs {_cell(row['text_delta_loss'], '.4g')}. "
         "Improvement = baseline / text-guided. Top2Diff: mean over each golden set.",
         "",
-        f"{100 * DEFAULT_CONFIDENCE:g}% bootstrap interval of the improvement (faults resampled within each layer): "
-        f"last layer [{_cell(row['last_layer_improvement_ci_low'], '.3g')}, "
+        f"{100 * DEFAULT_CONFIDENCE:g}% intervals (skewness-corrected: Hall for the network ΔLoss, Fieller for the "
+        f"improvement): network ΔLoss [{_cell(row['baseline_delta_loss_ci_low'], '.4g')}, "
+        f"{_cell(row['baseline_delta_loss_ci_high'], '.4g')}] (baseline) and "
+        f"[{_cell(row['text_delta_loss_ci_low'], '.4g')}, {_cell(row['text_delta_loss_ci_high'], '.4g')}] (text); "
+        f"improvement last layer [{_cell(row['last_layer_improvement_ci_low'], '.3g')}, "
         f"{_cell(row['last_layer_improvement_ci_high'], '.3g')}], overall "
         f"[{_cell(row['overall_improvement_ci_low'], '.3g')}, {_cell(row['overall_improvement_ci_high'], '.3g')}]"
         + ("" if math.isfinite(row["overall_improvement_ci_low"]) else " (needs both campaigns' faults.parquet)") + ".",
@@ -257,15 +270,22 @@ def aligned_layers(base: CampaignResult, text: CampaignResult) -> list[tuple[str
     return merged
 
 
-def layers_comparison_csv(aligned: Sequence[tuple[str, dict | None, dict | None]]) -> str:
-    """Per-layer ΔLoss of both models side by side, with their ratio."""
+def layers_comparison_csv(
+    aligned: Sequence[tuple[str, dict | None, dict | None]],
+    intervals: tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]] = ({}, {}),
+) -> str:
+    """Per-layer ΔLoss of both models side by side, with their ratio and, where ``intervals`` (baseline, text;
+    by layer name) has them, each layer's 99% skewness-corrected interval."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["layer", "baseline_delta_loss", "text_delta_loss", "improvement"])
+    writer.writerow(["layer", "baseline_delta_loss", "baseline_ci_low", "baseline_ci_high", "text_delta_loss",
+                     "text_ci_low", "text_ci_high", "improvement"])
     for label, b, t in aligned:
         bv = b["mean_delta_loss"] if b else math.nan
         tv = t["mean_delta_loss"] if t else math.nan
-        writer.writerow([label, repr(bv), repr(tv), repr(_ratio(bv, tv))])
+        b_ci = intervals[0].get(b["layer"], (math.nan, math.nan)) if b else (math.nan, math.nan)
+        t_ci = intervals[1].get(t["layer"], (math.nan, math.nan)) if t else (math.nan, math.nan)
+        writer.writerow([label, repr(bv), *map(repr, b_ci), repr(tv), *map(repr, t_ci), repr(_ratio(bv, tv))])
     return buf.getvalue()
 
 
@@ -310,7 +330,10 @@ def compare(base_dir: Path, text_dir: Path, out: Path, fused_dir: Path | None = 
     write_text(out / "table1.csv", buf.getvalue())
     write_text(out / "table1.md", table1_markdown(row))
     aligned = aligned_layers(base, text)
-    write_text(out / "layers_compared.csv", layers_comparison_csv(aligned))
+    intervals = tuple(
+        layer_intervals(c.path) if has_fault_records(c.path, c.summary) else {} for c in (base, text)
+    )
+    write_text(out / "layers_compared.csv", layers_comparison_csv(aligned, intervals))
     plot_layers(aligned, out / "delta_loss_per_layer.png", f"{row['model']} on {row['dataset']}: ΔLoss per layer")
     return row
 

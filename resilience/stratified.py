@@ -1,10 +1,12 @@
 """Stratified-by-bit adaptive sampling of neuron faults (see docs/stratified.md for the formulas).
 
 A uniform campaign draws the flipped bit uniformly, although nearly all of the ΔLoss variance sits in
-the sign and high exponent bits. Here each bit position (or a group of bits) is a stratum; a pilot
-round per stratum is followed by rounds allocated in proportion to W_b·S_b (Neyman) until the 99%
-confidence interval of the layer's mean ΔLoss is as narrow as asked. The estimate targets exactly what
-the uniform campaign estimates: the mean ΔLoss over finite outcomes, μ = E[ΔL·1{finite}] / P(finite).
+the sign and high exponent bits. Here each bit position (or a group of bits) is a stratum; a planning
+pilot per stratum is followed by estimation rounds allocated in proportion to W_b·S_b (Neyman) until
+the 99% confidence interval of the layer's mean ΔLoss is as narrow as asked. The estimate targets what
+the uniform campaign estimates, the mean ΔLoss over finite outcomes, μ = E[ΔL·1{finite}] / P(finite),
+and stays unbiased under the adaptive allocation and stopping: every round's allocation and weight
+are fixed from earlier rounds only, and the weights sum to 1 whenever the run stops.
 
 This module knows nothing about models or engines: it draws :class:`FaultSites` through a
 ``SiteDrawer`` and scores them through an ``Evaluator`` (per-fault ΔLoss, finite flag, mismatch flag).
@@ -144,10 +146,6 @@ class Estimate:
         return self.low <= truth <= self.high
 
 
-def _sample_var(x: np.ndarray) -> float:
-    return float(np.var(x, ddof=1)) if len(x) > 1 else math.inf
-
-
 def stratified_ratio(
     weights: np.ndarray,
     numerators: Sequence[np.ndarray],
@@ -170,9 +168,10 @@ def stratified_ratio(
         return Estimate(math.nan, math.nan, math.nan, math.nan), np.full(len(weights), math.inf)
     ratio = float(weights[used] @ num[used]) / total_den
     residuals = [(y - ratio * x) / total_den for y, x in zip(numerators, denominators, strict=True)]
-    linear = Moments.weighted_sum(weights, [Moments.of_mean(d) for d in residuals])
+    cells = [Moments.of_mean(d) for d in residuals]
+    linear = Moments.weighted_sum(weights, cells)
     low, high = Moments(ratio, linear.variance, linear.third).interval(confidence)
-    sds = np.array([math.sqrt(_sample_var(d)) for d in residuals])
+    sds = np.array([math.sqrt(m.variance * len(d)) if len(d) > 1 else math.inf for m, d in zip(cells, residuals, strict=True)])
     return Estimate(ratio, linear.variance, low, high), sds
 
 
@@ -217,7 +216,7 @@ def uniform_equivalent(weights: np.ndarray, per_stratum: Sequence[Outcomes], var
 
 # ----------------------------------------------------------------------------------------- allocation
 
-PLAN_MARGIN = 2.0
+PLAN_MARGIN = 2.0  # intermediate rounds are weighted as if the plan were this many times longer
 MIN_PER_ROUND = 2  # draws of every stratum in every estimation round: each round estimates its own variance
 
 

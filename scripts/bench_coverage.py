@@ -40,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="finished uniform campaign whose layers serve as populations (repeatable)")
     parser.add_argument("--layers", default=None, metavar="REGEX", help="campaign layers to use (default all)")
     parser.add_argument("--network-layers", type=int, default=4, help="synthetic layers per model")
+    parser.add_argument("--no-synthetic", action="store_true",
+                        help="campaign populations only (and no network rows unless two campaigns are given)")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the rows here (Markdown)")
     return parser
 
@@ -67,18 +69,22 @@ def main(opts: argparse.Namespace) -> int:
 
     seeds = range(opts.seeds)
     echo(ic.HEADER)
-    ic.report([ic.synthetic_population(), *(p for m in models for p in m)], seeds, opts.uniform_n, opts.budget,
+    synthetic = [] if opts.no_synthetic else [ic.synthetic_population()]
+    ic.report([*synthetic, *(p for m in models for p in m)], seeds, opts.uniform_n, opts.budget,
               opts.target_ci, opts.cap, opts.pilot, echo)
     if len(models) >= 2:
         base, text = models[0], models[1]
+    elif opts.no_synthetic:
+        base = text = []
     else:
         base = [ic.synthetic_population(seed=i, per_bit=5000, name=f"base{i}") for i in range(opts.network_layers)]
         text = [ic.synthetic_population(seed=100 + i, per_bit=5000).scaled(0.25, f"text{i}")
                 for i in range(opts.network_layers)]
-    echo(f"# network level and improvement ratio: {len(base)} + {len(text)} layers")
-    for n in opts.uniform_n:
-        for row in ic.simulate_network(base, text, n, seeds):
-            echo(row.row())
+    if base and text:
+        echo(f"# network level and improvement ratio: {len(base)} + {len(text)} layers")
+        for n in opts.uniform_n:
+            for row in ic.simulate_network(base, text, n, seeds):
+                echo(row.row())
     if opts.out:
         write_text(Path(opts.out), "\n".join(lines) + "\n")
     return 0
