@@ -173,6 +173,21 @@ def test_limit_faults_reads_only_the_rows_it_runs(tmp_path: Path) -> None:
         read_fault_list(path)
 
 
+def test_an_unwritable_or_damaged_profile_cache_keeps_the_profile(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from resilience.profile import cached_profile
+
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    assert cached_profile(blocker / "cache", {"k": 1}, lambda: {"conv1": 2.0}) == {"conv1": 2.0}
+    assert "not cached" in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    assert cached_profile(cache, {"k": 1}, lambda: {"conv1": 2.0}) == {"conv1": 2.0}
+    (entry,) = cache.iterdir()
+    entry.write_text("{damaged")
+    assert cached_profile(cache, {"k": 1}, lambda: {"conv1": 3.0}) == {"conv1": 3.0}
+
+
 def write_result(folder: Path, layers: Sequence[str], last: Sequence[str], *, images: int = 200,
                  stratified: dict | None = None) -> Path:
     """A finished campaign's summary.json and layers.csv with the given layers (ΔLoss 1 each)."""
