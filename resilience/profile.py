@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cli_shell import describe
 from resilience.bitflip import NumberFormat
 from resilience.layers import LayerInfo
 from resilience.storage import read_json, write_json
@@ -84,9 +86,15 @@ def cached_profile(cache_dir: Path, key: dict[str, Any], compute: Callable[[], d
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"profile-{digest}.json"
     if path.is_file():
-        stored = read_json(path)
-        if stored.get("key") == key:
+        try:
+            stored = read_json(path)
+        except (ValueError, OSError):  # a damaged cache entry is computed again
+            stored = {}
+        if isinstance(stored, dict) and stored.get("key") == key:
             return {name: float(v) for name, v in stored["max_abs"].items()}
     peaks = compute()
-    write_json(path, {"key": key, "max_abs": peaks})
+    try:
+        write_json(path, {"key": key, "max_abs": peaks})
+    except OSError as exc:  # the cache only saves time: an unwritable one must not cost the computed profile
+        print(f"note: the profile is not cached ({describe(exc)})", file=sys.stderr, flush=True)
     return peaks

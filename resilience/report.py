@@ -32,17 +32,18 @@ from resilience.storage import read_json, write_text
 
 TEXT_PREFIX = "backbone."  # the text model's backbone layers are the baseline's layers under this prefix
 COMPARED = ("dataset", "split", "format", "clamp")  # must agree between the campaigns
+# config entries that differ between a baseline and a text-guided campaign of the same measurement
+MAY_DIFFER = frozenset({"model", "checkpoint_sha256", "fused_text_head", "preset", "seed", "layers", "engine",
+                        "batch_size", "chunk_size", "device"})
 # what else two campaigns must share to measure the same thing: label -> the settings read from summary.json
 MEASURED: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "images": lambda s: {"evaluated images": s.get("golden", {}).get("evaluated_images"),
                          "--max-images": s.get("config", {}).get("max_images"),
                          "--golden": s.get("config", {}).get("golden")},
     "sampling": lambda s: {"sampling": "stratified" if s.get("stratified") else "uniform", **(s.get("stratified") or {})},
-    "injections per layer": lambda s: {"--injections": s.get("config", {}).get("injections"),
-                                       "--margin": s.get("config", {}).get("margin")},
     "fault model": lambda s: {"fault model": s.get("fault_model")},
-    "arithmetic": lambda s: {"format": s.get("format"), "--profile-images": s.get("config", {}).get("profile_images"),
-                             "arithmetic": s.get("arithmetic")},
+    # every other setting of the run (injections, margin, arithmetic, ...), also ones added later
+    "settings": lambda s: {k: v for k, v in s.get("config", {}).items() if k not in MAY_DIFFER},
 }
 
 

@@ -99,6 +99,8 @@ def write_part(path: Path, table: pa.Table, key: str) -> Path:
 def read_part(path: Path, key: str, schema: pa.Schema) -> pa.Table:
     """A part written by :func:`write_part` for campaign ``key``, checked; PartError names a foreign or damaged file."""
     redo = "delete it and rerun the same command to redo it"
+    if not Path(path).is_file():
+        raise PartError(f"{path} is missing; rerun the campaign's command to redo it")
     try:
         table = pq.read_table(path)
         metadata = table.schema.metadata or {}

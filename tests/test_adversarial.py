@@ -74,14 +74,19 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     found["fault_list"] = root / "faults.csv"
     found["fault_list"].write_text(FL_HEADER + "0,conv1,\"(0, 0, 0, 0)\",30\n1,conv1,\"(1, 0, 0, 0)\",31\n"
                                    "2,linear,\"(0, 0)\",30\n")
-    for seed in (3, 4):
-        found[f"seed{seed}"] = root / f"fi_seed{seed}"
-        assert inject.main(campaign_argv(found["linear"], found[f"seed{seed}"], "--seed", str(seed))) == 0
+    for sampling in SAMPLING:
+        for seed in (3, 4):
+            out = found[f"{sampling}{seed}"] = root / f"fi_{sampling}{seed}"
+            assert inject.main(campaign_argv(found["linear"], out, sampling, "--seed", str(seed))) == 0
     return found
 
 
-def campaign_argv(checkpoint: Path, out: Path, *extra: str) -> list[str]:
-    return ["--checkpoint", str(checkpoint), "--injections", "8", "--out", str(out), "--max-images", "24",
+SAMPLING = {"uniform": ["--injections", "8"],
+            "stratified": ["--sampling", "stratified", "--max-injections", "64", "--pilot", "2", "--target-ci", "10"]}
+
+
+def campaign_argv(checkpoint: Path, out: Path, sampling: str = "uniform", *extra: str) -> list[str]:
+    return ["--checkpoint", str(checkpoint), *SAMPLING[sampling], "--out", str(out), "--max-images", "24",
             "--golden", "all", "--layers", "^(conv1|linear)$", "--batch-size", "4", "--chunk-size", "4",
             "--device", "cpu", "--no-progress", "-j", "0", *extra]
 
@@ -124,23 +129,27 @@ def test_weight_run_refuses_other_arguments_in_its_folder(assets: dict[str, Path
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("sampling", list(SAMPLING))
 @pytest.mark.parametrize("command", ["resume", "merge"])
 def test_foreign_part_is_refused(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                 command: str) -> None:
-    out = copy_campaign(assets["seed4"], tmp_path / "fi")
+                                 command: str, sampling: str) -> None:
+    out = copy_campaign(assets[f"{sampling}4"], tmp_path / "fi")
     part = sorted((out / "parts").glob("*.parquet"))[0]
-    shutil.copyfile(assets["seed3"] / "parts" / part.name, part)
-    argv = ["merge", str(out)] if command == "merge" else campaign_argv(assets["linear"], out, "--seed", "4")
+    shutil.copyfile(assets[f"{sampling}3"] / "parts" / part.name, part)
+    if command == "merge":
+        argv = ["merge", str(out), "--out", str(tmp_path / "merged")]
+    else:
+        argv = campaign_argv(assets["linear"], out, sampling, "--seed", "4")
     line = run(inject.main, argv, capsys)
     assert str(part) in line and "another campaign" in line
-    assert not (out / "summary.json").exists()
+    assert not (out / "summary.json").exists() and not (tmp_path / "merged" / "summary.json").exists()
 
 
 @pytest.mark.parametrize(("command", "damage"), [("resume", "truncate"), ("merge", "truncate"),
                                                  ("resume", "flip"), ("merge", "flip")])
 def test_damaged_part_is_refused(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                  command: str, damage: str) -> None:
-    out = copy_campaign(assets["seed4"], tmp_path / "fi")
+    out = copy_campaign(assets["uniform4"], tmp_path / "fi")
     part = sorted((out / "parts").glob("*.parquet"))[-1]
     raw = bytearray(part.read_bytes())
     if damage == "truncate":
@@ -148,10 +157,35 @@ def test_damaged_part_is_refused(assets: dict[str, Path], tmp_path: Path, capsys
     else:
         raw[len(raw) // 3] ^= 0xFF
     part.write_bytes(bytes(raw))
-    argv = ["merge", str(out)] if command == "merge" else campaign_argv(assets["linear"], out, "--seed", "4")
+    argv = ["merge", str(out)] if command == "merge" else campaign_argv(assets["linear"], out, "uniform", "--seed", "4")
     line = run(inject.main, argv, capsys)
     assert str(part) in line and "damaged" in line and "delete it" in line
     assert not (out / "summary.json").exists()
+
+
+def test_limit_faults_reads_only_the_rows_it_runs(tmp_path: Path) -> None:
+    from resilience.weights.fault_list import FaultListError, read_fault_list
+
+    path = tmp_path / "fl.csv"
+    path.write_text(FL_HEADER + "0,conv1,\"(0, 0, 0, 0)\",30\n1,conv1,\"(1, 0, 0, 0)\",31\nnot,a,row\n")
+    assert [f.bit for f in read_fault_list(path, limit=2).faults] == [30, 31]
+    with pytest.raises(FaultListError, match="line 4"):
+        read_fault_list(path)
+
+
+def test_an_unwritable_or_damaged_profile_cache_keeps_the_profile(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from resilience.profile import cached_profile
+
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    assert cached_profile(blocker / "cache", {"k": 1}, lambda: {"conv1": 2.0}) == {"conv1": 2.0}
+    assert "not cached" in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    assert cached_profile(cache, {"k": 1}, lambda: {"conv1": 2.0}) == {"conv1": 2.0}
+    (entry,) = cache.iterdir()
+    entry.write_text("{damaged")
+    assert cached_profile(cache, {"k": 1}, lambda: {"conv1": 3.0}) == {"conv1": 3.0}
 
 
 def write_result(folder: Path, layers: Sequence[str], last: Sequence[str], *, images: int = 200,
@@ -233,11 +267,11 @@ CASES: list[tuple[str, Callable[[Sequence[str]], int], Callable[[dict[str, Path]
      "--subset: must be at least 1"),
     ("test --out DIR", test_cli.cli, lambda a, t: ["--checkpoint", str(a["linear"]), "--out", str(t)], "is a folder"),
     ("test checkpoint is a folder", test_cli.cli, lambda a, t: ["--checkpoint", str(t)], "checkpoint is a folder"),
-    ("inject --layers (([", inject.main, lambda a, t: campaign_argv(a["linear"], t / "o", "--layers", "(["),
+    ("inject --layers (([", inject.main, lambda a, t: campaign_argv(a["linear"], t / "o", "uniform", "--layers", "(["),
      "not a regular expression"),
-    ("inject --device tpu", inject.main, lambda a, t: campaign_argv(a["linear"], t / "o", "--device", "tpu"),
+    ("inject --device tpu", inject.main, lambda a, t: campaign_argv(a["linear"], t / "o", "uniform", "--device", "tpu"),
      "unknown --device 'tpu'"),
-    ("inject --seed -1", inject.main, lambda a, t: campaign_argv(a["linear"], t / "o", "--seed", "-1"),
+    ("inject --seed -1", inject.main, lambda a, t: campaign_argv(a["linear"], t / "o", "uniform", "--seed", "-1"),
      "--seed: must be at least 0"),
     ("inject --out is a file", inject.main, lambda a, t: campaign_argv(a["linear"], a["fault_list"]),
      "faults.csv"),

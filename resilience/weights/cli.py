@@ -205,7 +205,7 @@ def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, An
     dataset = args.dataset or meta.get("dataset")
     if dataset not in data.DATASETS:
         raise UserError(f"give --dataset (one of {', '.join(data.DATASETS)}); the checkpoint names none")
-    fault_list = read_fault_list(args.fault_list).head(args.limit_faults)
+    fault_list = read_fault_list(args.fault_list, limit=args.limit_faults)
     validate_fault_list(model, fault_list, include_bias=args.include_bias, include_bn=args.include_bn)
     preset = evaluation_preset(args, meta, dataset)
     split = "test" if args.split == "val" else args.split

@@ -90,13 +90,14 @@ def format_index(index: Sequence[int]) -> str:
     return repr(tuple(int(i) for i in index))
 
 
-def read_fault_list(path: str | os.PathLike) -> FaultList:
-    """Read a fault-list CSV; FaultListError naming the line for any malformed row."""
+def read_fault_list(path: str | os.PathLike, limit: int | None = None) -> FaultList:
+    """Read a fault-list CSV (its first ``limit`` faults when given); FaultListError naming the line for any
+    malformed row among those read."""
     path = Path(path)
     if not path.is_file():
         raise FaultListError(f"fault list not found: {path}")
     try:
-        fault_list = _read_rows(path)
+        fault_list = _read_rows(path, limit)
     except UnicodeDecodeError as exc:
         raise FaultListError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start})") from None
     if not fault_list.faults:
@@ -105,7 +106,7 @@ def read_fault_list(path: str | os.PathLike) -> FaultList:
     return fault_list
 
 
-def _read_rows(path: Path) -> FaultList:
+def _read_rows(path: Path, limit: int | None) -> FaultList:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -119,6 +120,8 @@ def _read_rows(path: Path) -> FaultList:
         has_counts = all(c in col for c in COUNT_COLUMNS)
         faults, injections, counts, lines = [], [], [], []
         for row in reader:
+            if limit is not None and len(faults) == limit:
+                break
             line = reader.line_num
             if not row or all(not cell.strip() for cell in row):
                 continue
