@@ -4,7 +4,6 @@ weight faults), AMP fault bits, non-finite outcomes, options recorded and mismat
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from reference_assets import REFERENCE_DIR
+from reference_assets import REFERENCE_DIR, load_script
 from test_fast_engine import Images, assert_agree, compare, sites_for
 from torch import nn
 
@@ -234,10 +233,7 @@ def test_dnn_benchmarks_layer3_low_bits_are_their_tf32_masked_set(tmp_path: Path
     """A slice of the replay: layer3 faults in bits <= 12 on the 932 genuine images, layer3 in TF32. The faults
     they report masked on all 10,000 images are those masked on all 932 of ours, which include every fault
     whose flip TF32 rounding removes."""
-    spec = importlib.util.spec_from_file_location("replay_dnn_benchmarks",
-                                                  Path(__file__).parents[1] / "scripts" / "replay_dnn_benchmarks.py")
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
+    replay = load_script("replay_dnn_benchmarks")
     args = replay.get_args_parser().parse_args([
         "--reference", str(REFERENCE_DIR), "--layers", r"^layer3\.", "--max-bit", "12", "--every", "150",
         "--math", "tf32", "--tf32-layers", r"^layer3\.", "--out", str(tmp_path)])

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 import struct
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_assets import DNN_BENCHMARKS
+from reference_assets import DNN_BENCHMARKS, REFERENCE_DIR, load_script
 from torch import nn
 
+from resilience.weights.fault_list import read_fault_list
 from resilience.weights.faults import (
     WeightFault,
     WeightFaultError,
@@ -22,7 +24,8 @@ from resilience.weights.faults import (
     random_weight_faults,
 )
 from resilience.weights.images import TensorImageSet
-from resilience.weights.runner import compute_golden, run_weight_faults, transient_images
+from resilience.weights.replay import forward_padded
+from resilience.weights.runner import OutcomeCounter, compute_golden, run_weight_faults, transient_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -224,7 +227,7 @@ def test_fault_values(tiny) -> None:
 @pytest.mark.skipif(not (DNN_BENCHMARKS / "ResNet20.th").is_file(), reason=f"dnn-benchmarks assets absent ({DNN_BENCHMARKS})")
 def test_dnn_benchmarks_resnet20_rows_delta_equals_forward() -> None:
     models = pytest.importorskip("models")
-    from resilience.weights.fault_list import read_fault_list, validate_fault_list
+    from resilience.weights.fault_list import validate_fault_list
 
     model, _ = models.load_checkpoint(DNN_BENCHMARKS / "ResNet20.th", model_name="resnet20")
     fault_list = read_fault_list(DNN_BENCHMARKS / "ResNet20_FL.csv")
@@ -276,3 +279,65 @@ def test_training_mode_is_refused(tiny) -> None:
             run_weight_faults(model, [WeightFault("fc2", (0, 0), 3)], images, golden, labels)
     finally:
         model.eval()
+
+
+GENUINE_CIFAR10 = REFERENCE_DIR / "cifar10-test-first932" / "cifar10_test_first932.npz"
+# The acceptance run scales these up (e.g. 100 faults per layer over ResNet20's 20 layers, 128 images).
+EXACT_FAULTS_PER_LAYER = int(os.environ.get("TGR_EXACT_FAULTS_PER_LAYER", "2"))
+EXACT_IMAGES = int(os.environ.get("TGR_EXACT_IMAGES", "32"))
+
+
+@pytest.mark.skipif(not (DNN_BENCHMARKS / "ResNet20.th").is_file() or not GENUINE_CIFAR10.is_file(),
+                    reason=f"reference assets absent ({REFERENCE_DIR})")
+def test_delta_outcome_of_every_fault_and_image_is_a_plain_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dnn-benchmarks' ResNet20 faults spread over every layer, on genuine CIFAR-10 images: the delta runner's
+    masked / non-critical / critical outcome of each (fault, image) is what the faulty model's own forward pass
+    gives, batched as the golden pass was, compared bit for bit with the golden logits."""
+    import models
+
+    model, _ = models.load_checkpoint(DNN_BENCHMARKS / "ResNet20.th", model_name="resnet20")
+    model.eval()
+    fault_list = read_fault_list(DNN_BENCHMARKS / "ResNet20_FL.csv")
+    by_layer: dict[str, list[int]] = {}
+    for row, fault in enumerate(fault_list.faults):
+        by_layer.setdefault(fault.layer, []).append(row)
+    rows = [r for layer_rows in by_layer.values()
+            for r in np.array(layer_rows)[np.linspace(0, len(layer_rows) - 1, EXACT_FAULTS_PER_LAYER).astype(int)]]
+    faults = [fault_list.faults[r] for r in rows]
+    images = load_script("replay_dnn_benchmarks").load_images(REFERENCE_DIR, EXACT_IMAGES)
+    batch = 16
+    golden, labels = compute_golden(model, images, batch_size=batch)
+
+    seen: dict[tuple[int, int], bool] = {}  # (fault, image) the runner found changed -> its top-1 changed
+    add = OutcomeCounter.add
+
+    def recording_add(self: OutcomeCounter, fault_ids: torch.Tensor, image_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        unequal = ~(logits.view(torch.int32) == self.golden_bits[image_ids]).all(1)
+        flipped = (logits.argmax(1) != self.golden_pred[image_ids]) | ~torch.isfinite(logits).all(1)
+        for f, i, u, c in zip(fault_ids.tolist(), image_ids.tolist(), unequal.tolist(), flipped.tolist(), strict=True):
+            if u:
+                seen[f, i] = c
+        add(self, fault_ids, image_ids, logits)
+
+    monkeypatch.setattr(OutcomeCounter, "add", recording_add)
+    report = run_weight_faults(model, faults, images, golden, labels, method="delta", batch_size=batch)
+    assert set(report.layer_methods.values()) == {"delta"}
+    assert len(by_layer) == sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())  # every layer
+
+    params = dict(model.named_parameters())
+    expected: dict[tuple[int, int], bool] = {}
+    with torch.no_grad():
+        for k, fault in enumerate(faults):
+            param = params[f"{fault.layer}.weight"]
+            value = param[fault.index].item()
+            param[fault.index] = struct.unpack("<f", struct.pack("<I", f32_bits(value) ^ (1 << fault.bit)))[0]
+            try:
+                faulty = torch.cat([forward_padded(model, x) for x in images.images.split(batch)])
+            finally:
+                param[fault.index] = value
+            unequal = ~(faulty.view(torch.int32) == golden.view(torch.int32)).all(1)
+            flipped = (faulty.argmax(1) != golden.argmax(1)) | ~torch.isfinite(faulty).all(1)
+            expected.update({(k, i): bool(flipped[i]) for i in torch.nonzero(unequal).flatten().tolist()})
+    assert len(faults) == len(by_layer) * EXACT_FAULTS_PER_LAYER
+    assert seen == expected
+    assert 0 < len(expected) < len(faults) * len(images)  # both outcomes occur
