@@ -216,7 +216,7 @@ def uniform_equivalent(weights: np.ndarray, per_stratum: Sequence[Outcomes], var
 
 # ----------------------------------------------------------------------------------------- allocation
 
-PLAN_MARGIN = 2.0  # intermediate rounds are weighted as if the plan were this many times longer
+PLAN_MARGIN = 4.0  # intermediate rounds are weighted as if the plan were this many times longer
 MIN_PER_ROUND = 2  # draws of every stratum in every estimation round: each round estimates its own variance
 
 
