@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from cli_shell import UserError
 from resilience import stratified as st
 from resilience.bitflip import FORMATS
 from resilience.engines.base import FaultSites
@@ -95,12 +96,12 @@ def campaign_population(folder: Path, layer: str) -> Population:
     table = pq.read_table(Path(folder) / "faults.parquet", columns=["layer", "bit", "delta_loss", "finite"])
     mask = np.asarray(table.column("layer").to_pylist()) == layer
     if not mask.any():
-        raise ValueError(f"{folder}: no faults of layer {layer!r}")
+        raise UserError(f"{folder}: no faults of layer {layer!r}")
     bits = table.column("bit").to_numpy()[mask]
     values = np.where(table.column("finite").to_numpy()[mask], table.column("delta_loss").to_numpy()[mask], np.nan)
     missing = sorted(set(range(FP32.bits)) - set(bits.tolist()))
     if missing:
-        raise ValueError(f"{folder}: layer {layer!r} has no faults of bits {missing}; it cannot stand for the population")
+        raise UserError(f"{folder}: layer {layer!r} has no faults of bits {missing}; it cannot stand for the population")
     return Population(f"{Path(folder).name}:{layer}", tuple(values[bits == b] for b in range(FP32.bits)))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cli_shell import UserError, run_cli  # noqa: E402
 from resilience import interval_coverage as ic  # noqa: E402
 from resilience.storage import write_text  # noqa: E402
 
@@ -49,17 +50,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 def campaign_populations(folder: str, pattern: str | None) -> list[ic.Population]:
     """The chosen layers of one campaign folder as populations."""
     if not (Path(folder) / "faults.parquet").is_file():
-        raise ValueError(f"{folder} has no faults.parquet (a finished uniform campaign is needed)")
+        raise UserError(f"{folder} has no faults.parquet (a finished uniform campaign is needed)")
     names = [n for n in ic.campaign_layers(Path(folder)) if pattern is None or re.search(pattern, n)]
     if not names:
-        raise ValueError(f"{folder}: no layer matches {pattern!r}")
+        raise UserError(f"{folder}: no layer matches {pattern!r}")
     return [ic.campaign_population(Path(folder), name) for name in names]
 
 
 def main(opts: argparse.Namespace) -> int:
     """Run every simulation and print (and write) the table."""
     if opts.seeds < 2 or opts.target_ci <= 0 or min(opts.uniform_n + opts.budget) < 2 or opts.network_layers < 1:
-        raise ValueError("need --seeds >= 2, --target-ci > 0, budgets and --uniform-n >= 2, --network-layers >= 1")
+        raise UserError("need --seeds >= 2, --target-ci > 0, budgets and --uniform-n >= 2, --network-layers >= 1")
     models = [campaign_populations(folder, opts.layers) for folder in opts.campaign]
     lines: list[str] = []
 
@@ -91,8 +92,4 @@ def main(opts: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(lambda: main(get_args_parser().parse_args())))

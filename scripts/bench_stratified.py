@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import inject  # noqa: E402
+from cli_shell import run_cli  # noqa: E402
 from resilience import stratified as st  # noqa: E402
 from resilience.campaign import CampaignError  # noqa: E402
 from resilience.engines import ENGINES  # noqa: E402
@@ -199,8 +200,4 @@ def main(opts: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except (CampaignError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(lambda: main(get_args_parser().parse_args())))

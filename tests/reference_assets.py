@@ -20,3 +20,15 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def require_fashion_mnist() -> ModuleType:
+    """The project's ``data`` module, skipping the test when the offline Fashion-MNIST test set is absent."""
+    import pytest
+
+    data = pytest.importorskip("data")
+    try:
+        data.build_dataset("fashion-mnist", "test", download=False)
+    except data.DatasetUnavailable as exc:
+        pytest.skip(f"Fashion-MNIST unavailable: {exc}")
+    return data

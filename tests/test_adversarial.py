@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_assets import require_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,12 +56,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny baseline and text checkpoints, a fault list, and two finished campaigns (seeds 3 and 4)."""
-    data = pytest.importorskip("data")
+    data = require_fashion_mnist()
     models = pytest.importorskip("models")
-    try:
-        data.build_dataset("fashion-mnist", "test", download=False)
-    except data.DatasetUnavailable as exc:
-        pytest.skip(f"Fashion-MNIST unavailable: {exc}")
     root = tmp_path_factory.mktemp("adversarial")
     torch.manual_seed(0)
     preset = data.eval_preset("fashion-mnist", "resnet20", in_chans=1)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from reference_assets import REFERENCE_DIR, load_script
+from reference_assets import REFERENCE_DIR, load_script, require_fashion_mnist
 from test_fast_engine import Images, assert_agree, compare, sites_for
 from torch import nn
 
@@ -250,11 +250,7 @@ def test_dnn_benchmarks_layer3_low_bits_are_their_tf32_masked_set(tmp_path: Path
 @pytest.mark.skipif(not (REFERENCE_DIR / "dnn-benchmarks" / "cifar10" / "ResNet20.th").is_file(),
                     reason="../shared/reference assets absent")
 def test_weight_run_records_its_arithmetic_and_refuses_another(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = pytest.importorskip("data")
-    try:
-        data.build_dataset("fashion-mnist", "test", download=False)
-    except data.DatasetUnavailable as exc:
-        pytest.skip(str(exc))
+    require_fashion_mnist()
     from resilience.weights.cli import main as weights_main
 
     bench = REFERENCE_DIR / "dnn-benchmarks" / "cifar10"

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from reference_assets import require_fashion_mnist
 from torch import nn
 
 from resilience.bitflip import FORMATS
@@ -253,12 +254,8 @@ def test_clamp_profile_is_recorded(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = pytest.importorskip("data")
+    data = require_fashion_mnist()
     models = pytest.importorskip("models")
-    try:
-        data.build_dataset("fashion-mnist", "test", download=False)
-    except data.DatasetUnavailable as exc:
-        pytest.skip(f"Fashion-MNIST unavailable: {exc}")
     torch.manual_seed(0)
     model = models.build_model("resnet20", 10, in_chans=1)
     meta = {"model": "resnet20", "num_classes": 10, "head": "linear", "embed_dim": None, "in_chans": 1,

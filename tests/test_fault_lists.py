@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference_assets import DNN_BENCHMARKS
+from reference_assets import DNN_BENCHMARKS, require_fashion_mnist
 from torch import nn
 
 from resilience.weights.cli import main as weights_main
@@ -205,11 +205,7 @@ def test_cli_reports_bad_row_in_one_line(tmp_path: Path, capsys) -> None:
 
 @needs_reference
 def test_cli_runs_dnn_benchmarks_rows_on_fashion_mnist(tmp_path: Path, capsys) -> None:
-    data = pytest.importorskip("data")
-    try:
-        data.build_dataset("fashion-mnist", "test", download=False)
-    except data.DatasetUnavailable as exc:
-        pytest.skip(str(exc))
+    require_fashion_mnist()
     out = tmp_path / "run"
     args = ["run", "--fault-model", "weight-bitflip", "--fault-list", str(DNN_BENCHMARKS / "ResNet20_FL.csv"),
             "--checkpoint", str(DNN_BENCHMARKS / "ResNet20.th"), "--model", "resnet20", "--dataset", "fashion-mnist",

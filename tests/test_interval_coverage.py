@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cli_shell import UserError
 from resilience import interval_coverage as ic
 from resilience import stratified as st
 from resilience.engines.base import FaultSites
@@ -183,7 +184,7 @@ def test_campaign_population_is_the_uniform_campaigns_target(tmp_path: Path) -> 
     # bit 31 contributes 31 with weight 1/2 of a stratum: (Σ_{b<31} b + 31/2) / (31 + 1/2)
     assert population.truth == pytest.approx((sum(range(31)) + 15.5) / 31.5)
     write_faults(tmp_path / "short", bits[:-2], values[:-2])
-    with pytest.raises(ValueError, match=r"no faults of bits \[31\]"):
+    with pytest.raises(UserError, match=r"no faults of bits \[31\]"):
         ic.campaign_population(tmp_path / "short", "l")
 
 
