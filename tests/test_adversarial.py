@@ -79,7 +79,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 SAMPLING = {"uniform": ["--injections", "8"],
-            "stratified": ["--sampling", "stratified", "--max-injections", "64", "--pilot", "2", "--target-ci", "10"]}
+            "stratified": ["--sampling", "stratified", "--max-injections", "128", "--pilot", "2", "--target-ci", "10"]}
 
 
 def campaign_argv(checkpoint: Path, out: Path, sampling: str = "uniform", *extra: str) -> list[str]:

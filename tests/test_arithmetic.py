@@ -264,4 +264,4 @@ def test_weight_run_records_its_arithmetic_and_refuses_another(tmp_path: Path, c
     assert weights_main([*args, *tf32]) == 0 and "already complete" in capsys.readouterr().out
     assert weights_main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "another arithmetic" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "other arguments (arithmetic:" in err and err.count("\n") == 1
