@@ -264,9 +264,9 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.Arithmetic) -> int:
     import data
 
-    sampling = sampling_from_args(args)
+    sampling = sampling_from_args(args)  # before the uniform default below: it refuses --injections
     if sampling is not None and arith.amp:
-        raise CampaignError("--amp campaigns use uniform sampling (no --sampling stratified)")  # before the uniform default below: it refuses --injections
+        raise CampaignError("--amp campaigns use uniform sampling (no --sampling stratified)")
     if args.injections is None and args.margin is None:
         args.injections = 512
     check_plan_memory(args, sampling)

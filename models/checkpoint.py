@@ -106,9 +106,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: Mapping[str
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import platform
 import sys
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from cli_shell import HelpFormatter, UserError, differences, non_negative_int, positive_int, run_cli
+from models.checkpoint import sha256_file
 from models.device import resolve_device
 from resilience import arithmetic
 from resilience.bitflip import format_of
@@ -175,14 +175,6 @@ def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: s
     return dict(data.eval_preset(dataset, model_name, small_input=small, in_chans=chans))
 
 
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def format_bit_rates(rates: dict[int, float]) -> str:
     """Critical rate by bit as a few aligned lines of ``bit:rate%``."""
     cells = [f"{b:>2}:{100 * r:6.2f}%" for b, r in sorted(rates.items())]
@@ -210,7 +202,7 @@ def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, An
     preset = evaluation_preset(args, meta, dataset)
     split = "test" if args.split == "val" else args.split
     config = {
-        "fault_model": args.fault_model, "fault_list": str(args.fault_list), "fault_list_sha256": _sha256(args.fault_list),
+        "fault_model": args.fault_model, "fault_list": str(args.fault_list), "fault_list_sha256": sha256_file(args.fault_list),
         "faults": len(fault_list), "checkpoint": str(args.checkpoint), "checkpoint_sha256": meta.get("checkpoint_sha256"),
         "model": meta.get("model"), "dataset": dataset, "split": split, "preset": preset,
         "include_bias": args.include_bias, "include_bn": args.include_bn, "method": args.method,
