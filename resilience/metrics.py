@@ -22,6 +22,9 @@ from resilience.sampling import z_value
 
 CONFIDENCE = 0.99
 AGREEMENT_RTOL = 1e-4  # engines sum in different orders: ΔLoss agrees to reassociation, not bit for bit
+# ... and the logits themselves differ by a few units in the last place of their largest magnitude (a
+# 224-pixel ResNet-101 with random weights has logits near 7e4, where one float32 ulp is 0.0078)
+AGREEMENT_LOGIT_ULPS = 64
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,6 +54,8 @@ class FaultOutcomes:
     faulty_pred: torch.Tensor  # int64 (−1: non-finite output)
     mismatch: torch.Tensor  # bool
     faulty_top2diff: torch.Tensor  # float64
+    logit_scale: torch.Tensor  # float64, largest finite |faulty logit| (0 when none is finite)
+    top_gap: torch.Tensor  # float64, faulty top-1 logit minus top-2 logit (NaN for a non-finite output)
 
 
 def score_faults(
@@ -66,14 +71,25 @@ def score_faults(
         faulty_pred=pred,
         mismatch=pred != golden_pred,
         faulty_top2diff=top2diff(faulty_logits),
+        logit_scale=faulty_logits.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().amax(dim=1),
+        top_gap=faulty_logits.double().topk(2, dim=1).values.diff(dim=1).neg().squeeze(1),
     )
 
 
-def agreement(ref: FaultOutcomes, other: FaultOutcomes, rtol: float = AGREEMENT_RTOL) -> torch.Tensor:
-    """Per fault, whether two engines agree: same finiteness of the faulty loss, ΔLoss within
-    ``rtol``·max(1, ΔLoss_ref) when finite, same mismatch decision."""
-    close = (other.delta_loss - ref.delta_loss).abs() <= rtol * ref.delta_loss.clamp(min=1.0)
-    return (ref.finite == other.finite) & (~ref.finite | close) & (ref.mismatch == other.mismatch)
+def agreement(
+    ref: FaultOutcomes, other: FaultOutcomes, rtol: float = AGREEMENT_RTOL, logit_ulps: int = AGREEMENT_LOGIT_ULPS
+) -> torch.Tensor:
+    """Per fault, whether two engines agree to float32 reassociation.
+
+    Same finiteness of the faulty loss; when finite, ΔLoss within ``rtol``·max(1, ΔLoss_ref) + 2·τ, where
+    τ = ``logit_ulps`` float32 ulps of the largest logit (a cross-entropy moves by at most twice its
+    logits' largest change); the same mismatch decision, unless both engines' top-1 and top-2 logits are
+    within τ of each other (a tie that summation order may break either way).
+    """
+    tau = logit_ulps * torch.finfo(torch.float32).eps * torch.maximum(ref.logit_scale, other.logit_scale)
+    close = (other.delta_loss - ref.delta_loss).abs() <= rtol * ref.delta_loss.clamp(min=1.0) + 2 * tau
+    tie = (ref.top_gap <= tau) & (other.top_gap <= tau)
+    return (ref.finite == other.finite) & (~ref.finite | close) & ((ref.mismatch == other.mismatch) | tie)
 
 
 def mean_ci(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:

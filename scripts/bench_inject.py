@@ -6,9 +6,10 @@
 
 Both engines get the same fault sites (drawn per layer from (seed, layer) as a campaign does), layer
 by layer, reference first, so that both see the same machine conditions. Prints per layer and in total
-the faults/s of each engine, the speed ratio and the agreement: per fault, the same finiteness of the
-faulty loss, |ΔLoss_fast − ΔLoss_ref| <= 1e-4·max(1, ΔLoss_ref) for finite ones and the same mismatch
-decision. Exits 1 when fewer than 99.9% of the faults agree. Without --checkpoint the model has random
+the faults/s of each engine, the speed ratio and the agreement (resilience.metrics.agreement): per
+fault, the same finiteness of the faulty loss, ΔLoss within 1e-4·max(1, ΔLoss_ref) plus 128 float32 ulps
+of the largest |logit| for finite ones, and the same mismatch decision unless the top two logits tie to
+64 ulps. Exits 1 when fewer than 99.9% of the faults agree. Without --checkpoint the model has random
 weights (said in the output); without --dataset the inputs are random images and their labels the
 model's own predictions. The fast engine's one-time setup (tracing, planning, self-checks) and golden
 passes count in its time.

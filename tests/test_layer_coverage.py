@@ -178,3 +178,38 @@ def test_torchrun_two_processes_equal_one(request: pytest.FixtureRequest, tmp_pa
     assert "shard 1/2" in ranks.stdout and "shard 0/2" in ranks.stdout
     for name in ("faults.parquet", "layers.csv"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def _ulps(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` moved by ``k`` float32 units in the last place (same sign and binade)."""
+    return (x.view(torch.int32) + k).view(torch.float32)
+
+
+def test_agreement_scales_with_the_logits() -> None:
+    """Large logits: a reassociation-sized difference agrees, a real one does not; a near-tie may flip top-1."""
+    golden = torch.tensor([[7.4e4, 7.0e4, 1.0e3]])
+    label = torch.tensor([1])
+    ref_logits = golden.clone()
+    ref_logits[0, 0] = _ulps(golden[0, 0], 64)  # a small fault effect: ΔLoss 0.5 on a loss near 4000
+
+    def scored(logits: torch.Tensor):
+        clean = torch.nn.functional.cross_entropy(golden.double(), label, reduction="none")
+        return score_faults(logits, label, golden.argmax(1), clean)
+
+    def moved(k: int) -> torch.Tensor:
+        out = ref_logits.clone()
+        out[0, 0] = _ulps(ref_logits[0, 0], k)
+        return out
+
+    ref = scored(ref_logits)
+    assert 0.4 < float(ref.delta_loss) < 0.6
+    assert bool(agreement(ref, scored(moved(6))))  # 0.047 apart: failed a tolerance of 1e-4·max(1, ΔLoss)
+    assert not bool(agreement(ref, scored(moved(1000))))
+    tie = torch.tensor([[7.4e4, 7.4e4, 1.0e3]])
+    tie[0, 1] = _ulps(tie[0, 0], -1)
+    swapped = tie[:, [1, 0, 2]]
+    assert bool(agreement(scored(tie), scored(swapped)))  # top-1 flips, but the logits tie to an ulp
+    apart = tie.clone()
+    apart[0, 1] = _ulps(tie[0, 0], -1000)
+    assert not bool(agreement(scored(apart), scored(apart[:, [1, 0, 2]])))
+    assert not bool(agreement(ref, scored(torch.tensor([[float("inf"), 7.0e4, 1.0e3]]))))
