@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,9 @@ from resilience.bitflip import FORMATS, get_format
 from resilience.campaign import (
     CLAMP_MODES,
     CampaignConfig,
-    CampaignDir,
     CampaignError,
+    CampaignFolder,
     append_run_log,
-    assemble,
-    execute,
-    merge,
     parse_shard,
 )
 from resilience.engines import ENGINES
@@ -55,17 +51,8 @@ from resilience.golden import (
 )
 from resilience.layers import discover_layers
 from resilience.profile import cached_profile, profile_max_abs
+from resilience.runner import Sampling, add_sampling_args, execute, is_complete, merge, sampling_from_args
 from resilience.storage import atomic_write
-from resilience.stratified import AdaptiveConfig, make_strata
-from resilience.stratified_campaign import (
-    add_stratified_args,
-    assemble_stratified,
-    execute_stratified,
-    is_stratified,
-    merge_stratified,
-    sampling_from_args,
-    stratified_complete,
-)
 from resilience.weights.faults import FAULT_MODELS as WEIGHT_FAULT_MODELS
 
 PLAN_BYTES_PER_FAULT = 64  # one layer's sampled sites and their temporaries (resilience.sampling)
@@ -131,7 +118,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--shard", default=None, metavar="i/k",
                    help="run shard i of k (0-based); under torchrun: RANK/WORLD_SIZE")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_stratified_args(parser)
+    add_sampling_args(parser)
     arithmetic.add_arguments(parser)
     return parser
 
@@ -265,7 +252,7 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
     import data
 
     sampling = sampling_from_args(args)  # before the uniform default below: it refuses --injections
-    if sampling is not None and arith.amp:
+    if sampling.name != "uniform" and arith.amp:
         raise CampaignError("--amp campaigns use uniform sampling (no --sampling stratified)")
     if args.injections is None and args.margin is None:
         args.injections = 512
@@ -290,7 +277,7 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
         profile_images=args.profile_images if args.clamp == "profile" else None, engine=args.engine,
         batch_size=args.batch_size, chunk_size=args.chunk_size, device=device.type, arithmetic=arith.describe(),
     )
-    if _already_complete(out, config, sampling):
+    if is_complete(out, config, sampling):
         print(f"{out}: campaign already complete; nothing to do", flush=True)
         return 0
 
@@ -305,7 +292,7 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
         "model", "dataset", "split", "checkpoint_sha256", "fused_text_head", "preset", "max_images", "format",
         "device", "arithmetic")})
     out.mkdir(parents=True, exist_ok=True)
-    golden = cached_golden(out / "golden.pt", golden_key, lambda: golden_pass(
+    golden = cached_golden(CampaignFolder(out).file("golden.pt"), golden_key, lambda: golden_pass(
         model, ids, progress_bar(evaluated.batches(GOLDEN_BATCH), len(ids), "golden pass", args.no_progress), fmt, device))
     t_setup = time.perf_counter() - t_start  # model, images and golden pass
 
@@ -341,10 +328,9 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
           f"{len(ids)} images, accuracy {100 * golden.accuracy:.2f}%, golden set "
           f"{len(golden.golden_set(args.golden))}; {len(layers)} conv/linear layers; device {device}, "
           f"format {args.format}, arithmetic {arith.label}, engine {args.engine}, shard {shard[0]}/{shard[1]}", flush=True)
-    run = execute if sampling is None else partial(execute_stratified, adaptive=sampling[0], grouping=sampling[1])
-    cdir, stats = run(
-        out, config, model, layers, golden, evaluated, provenance=provenance, clamp_max=clamp_max, device=device,
-        shard=shard, progress=not args.no_progress,
+    opened, stats = execute(
+        out, config, model, layers, golden, evaluated, sampling=sampling, provenance=provenance, clamp_max=clamp_max,
+        device=device, shard=shard, progress=not args.no_progress,
     )
     wall = time.perf_counter() - t_start
     rate = stats.faults / stats.seconds if stats.seconds > 0 else float("nan")
@@ -357,28 +343,17 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
     })
     print(f"ran {stats.faults} faults ({stats.skipped} already done) in {stats.seconds:.1f} s: {rate:.1f} faults/s; "
           f"wall {wall:.1f} s", flush=True)
-    missing = cdir.missing()
+    missing = opened.missing()
     if missing:
-        print(f"{len(missing)} {'chunks' if sampling is None else 'layers'} left to other shards; the last shard to "
+        print(f"{len(missing)} {opened.unit_name} left to other shards; the last shard to "
               f"finish writes the final files (shards run into separate folders: python inject.py merge {out} "
               f"OTHER_SHARD_DIR ...)", flush=True)
         return 0
-    summary = assemble(cdir) if sampling is None else assemble_stratified(out)
+    summary = opened.assemble()
     net = summary["network"]
     print(f"network ΔLoss {net['delta_loss']:.4g}, mismatch {100 * net['mismatch_rate']:.2f}%, "
           f"{net['non_finite']} non-finite of {net['faults']} faults; outputs in {out}", flush=True)
     return 0
-
-
-def _already_complete(out: Path, config: CampaignConfig, sampling: tuple[AdaptiveConfig, str] | None) -> bool:
-    if sampling is not None:
-        return stratified_complete(out, config, *sampling)
-    if not (out / "summary.json").is_file():
-        return False
-    with contextlib.suppress(CampaignError, TypeError, ValueError, KeyError):
-        cdir = CampaignDir.open(out)
-        return cdir.config == config and not cdir.missing()
-    return False
 
 
 def available_memory() -> int | None:
@@ -390,13 +365,9 @@ def available_memory() -> int | None:
     return None
 
 
-def check_plan_memory(args: argparse.Namespace, sampling: tuple[AdaptiveConfig, str] | None) -> None:
+def check_plan_memory(args: argparse.Namespace, sampling: Sampling) -> None:
     """Refuse, before any file is written, a per-layer fault plan that cannot fit in memory."""
-    if sampling is None:
-        faults = args.injections or 0  # a --margin plan is bounded by the Leveugle formula
-    else:
-        adaptive, grouping = sampling
-        faults = max(adaptive.max_injections, adaptive.pilot * len(make_strata(get_format(args.format), grouping)))
+    faults = sampling.planned_faults(args.injections, args.format)
     need, available = faults * PLAN_BYTES_PER_FAULT, available_memory()
     if available is not None and need > available:
         raise CampaignError(f"{faults:,} faults per layer need about {need / 2**30:.1f} GiB to plan, more than the "
@@ -423,8 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def merge_dirs(dirs: Sequence[str], out: str | None) -> None:
     """``inject.py merge``: gather the shards' folders into ``out`` (default: the first) and assemble."""
-    gather = merge_stratified if is_stratified(Path(dirs[0])) else merge
-    summary = gather([Path(d) for d in dirs], Path(out or dirs[0]))
+    summary = merge([Path(d) for d in dirs], Path(out or dirs[0]))
     print(f"merged {len(dirs)} folder(s): network ΔLoss {summary['network']['delta_loss']:.4g}", flush=True)
 
 

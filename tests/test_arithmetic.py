@@ -20,13 +20,14 @@ import models
 from resilience import arithmetic
 from resilience.arithmetic import Arithmetic, ArithmeticOptionError, round_tf32
 from resilience.bitflip import FORMATS
-from resilience.campaign import CampaignConfig, CampaignError, execute, layer_sites, merge, plan_layers
+from resilience.campaign import CampaignConfig, CampaignError, layer_sites, plan_layers
 from resilience.engines import fast as fast_engine
 from resilience.engines.fast import FastEngine
 from resilience.engines.reference import ReferenceEngine
 from resilience.golden import TensorImageSource, golden_pass
 from resilience.layers import discover_layers, select_layers
 from resilience.metrics import score_faults
+from resilience.runner import execute, merge
 from resilience.weights.faults import WeightFault
 from resilience.weights.images import TensorImageSet
 from resilience.weights.runner import OutcomeCounter, compute_golden, run_weight_faults
