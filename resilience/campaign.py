@@ -282,10 +282,8 @@ def read_record(out: Path) -> dict[str, Any]:
     return read_json(path)
 
 
-class UniformCampaign:
-    """A uniform campaign's folder: its record, finished chunks and final files."""
-
-    unit_name = "chunks"  # what ``missing()`` counts
+class RecordedCampaign:
+    """What a campaign of either sampling reads from its ``campaign.json``."""
 
     def __init__(self, out: Path, record: dict[str, Any]) -> None:
         self.folder = CampaignFolder(out)
@@ -294,6 +292,12 @@ class UniformCampaign:
         self.config = CampaignConfig(**record["config"])
         self.plans = [LayerPlan.from_dict(d) for d in record["plan"]]
         self.key = campaign_key(record)
+
+
+class UniformCampaign(RecordedCampaign):
+    """A uniform campaign's folder: its record, finished chunks and final files."""
+
+    unit_name = "chunks"  # what ``missing()`` counts
 
     def units(self) -> list[Unit]:
         """All chunks of all layers in plan order."""

@@ -36,12 +36,11 @@ from resilience import stratified as st
 from resilience.bitflip import get_format
 from resilience.campaign import (
     FAULT_SCHEMA,
-    CampaignConfig,
     CampaignError,
     CampaignFolder,
     LayerPlan,
+    RecordedCampaign,
     RunStats,
-    campaign_key,
     campaign_summary,
     chunk_table,
     network_level,
@@ -182,7 +181,7 @@ def layer_row(plan: LayerPlan, result: st.StratifiedResult) -> dict[str, Any]:
 
 
 
-class StratifiedCampaign:
+class StratifiedCampaign(RecordedCampaign):
     """A stratified campaign's folder: its record, finished rounds and layers, and final files."""
 
     unit_name = "layers"  # what ``missing()`` counts
@@ -190,12 +189,7 @@ class StratifiedCampaign:
     def __init__(self, out: Path, record: dict[str, Any]) -> None:
         if record.get("format") != STRATIFIED_FORMAT:
             raise CampaignError(f"{out} is not a stratified campaign folder")
-        self.folder = CampaignFolder(out)
-        self.out = self.folder.out
-        self.record = record
-        self.config = CampaignConfig(**record["config"])
-        self.plans = [LayerPlan.from_dict(d) for d in record["plan"]]
-        self.key = campaign_key(record)
+        super().__init__(out, record)
         self.grouping: str = record["stratified"]["grouping"]
         self.adaptive = st.AdaptiveConfig(**{f.name: record["stratified"][f.name] for f in fields(st.AdaptiveConfig)})
         self.results: dict[str, st.StratifiedResult] = {}  # layers run by this process
