@@ -1,10 +1,13 @@
-"""Statistical single-bit-flip campaigns on the activations of every conv/linear layer.
+"""Fault-injection campaigns: single-bit flips in activations (``neurons``) or in weights (``weights``).
 
-    python inject.py --checkpoint runs/fm_resnet20_text/checkpoint.pth --injections 512 --seed 0 --out runs/fi_text
-    python inject.py ... --shard 0/4          (one of four shards; or run under torchrun: one shard per rank)
+    python inject.py neurons --checkpoint runs/fm_resnet20_text/checkpoint.pth --injections 512 --seed 0 --out runs/fi_text
+    python inject.py neurons ... --shard 0/4     (one of four shards; or run under torchrun: one shard per rank)
     python inject.py merge DIR [DIR ...] [--out OUT]     (shards run into separate folders)
-    python inject.py --fault-model weight-bitflip ...    (weight faults: see docs/weight_faults.md)
-    python inject.py ... --sampling stratified --target-ci 0.1    (bits as strata, adaptive: docs/stratified.md)
+    python inject.py weights --fault-list FL.csv ...     (weight faults: see docs/weight_faults.md)
+    python inject.py neurons ... --sampling stratified --target-ci 0.1    (bits as strata, adaptive: docs/stratified.md)
+
+The older spellings keep working with a one-line note: without a subcommand, ``--fault-model weight-*``
+means ``weights`` and anything else ``neurons``.
 
 Rerunning the same command resumes: finished chunks are skipped and the final files are identical to
 those of an uninterrupted run. Definitions and outputs: docs/injection.md.
@@ -53,24 +56,66 @@ from resilience.layers import discover_layers
 from resilience.profile import cached_profile, profile_max_abs
 from resilience.runner import Sampling, add_sampling_args, execute, is_complete, merge, sampling_from_args
 from resilience.storage import atomic_write
+from resilience.weights.cli import RUN_DESCRIPTION as WEIGHT_RUN_DESCRIPTION
+from resilience.weights.cli import add_run_arguments as add_weight_run_arguments
+from resilience.weights.cli import run as run_weight_faults
+from resilience.weights.cli import wants_weight_faults
 from resilience.weights.faults import FAULT_MODELS as WEIGHT_FAULT_MODELS
 
 PLAN_BYTES_PER_FAULT = 64  # one layer's sampled sites and their temporaries (resilience.sampling)
 IN_MEMORY_LIMIT = 2 << 30  # bytes of evaluated images held in memory; larger splits are read on demand
 GOLDEN_BATCH = 256  # fixed, so golden logits do not depend on --batch-size
 NEURON_FAULT_MODEL = "neuron-bitflip"
+SUBCOMMANDS = ("neurons", "weights", "merge")
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """Options of a neuron-fault campaign."""
-    parser = argparse.ArgumentParser(
+class InjectParser(argparse.ArgumentParser):
+    """The command line of ``inject.py``: subcommands, and the older spellings without one.
+
+    A command line without a subcommand gets the one it means and ``spelling_note`` (one line for the
+    user); with a subcommand, ``spelling_note`` is None.
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """Parse ``args`` (default: ``sys.argv[1:]``), naming the subcommand an older spelling means."""
+        argv = list(sys.argv[1:] if args is None else args)
+        note = None
+        if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+            command = "weights" if wants_weight_faults(argv) else "neurons"
+            note = f"note: this command is now spelled 'inject.py {command} ...' (the spelling used keeps working)"
+            argv.insert(0, command)
+        parsed, extra = super().parse_known_args(argv, namespace)
+        parsed.spelling_note = note
+        return parsed, extra
+
+
+def get_args_parser(add_help: bool = True) -> InjectParser:
+    """The options of ``inject.py neurons``, ``weights`` and ``merge``."""
+    parser = InjectParser(
         prog="inject.py", add_help=add_help, formatter_class=HelpFormatter,
-        description="Single-bit-flip campaign on conv/linear outputs: ΔLoss, mismatch and Top2Diff per fault, "
-                    "per layer and for the network. Subcommand: 'inject.py merge DIR...'.",
+        description="Fault-injection campaigns. 'inject.py COMMAND --help' lists a command's options.",
     )
-    parser.add_argument("--fault-model", choices=(NEURON_FAULT_MODEL, *WEIGHT_FAULT_MODELS), default=NEURON_FAULT_MODEL,
-                        help="neuron-bitflip: transient flip of one activation bit; weight-*: faults in weights, "
-                             "with --fault-list (their options: inject.py --fault-model weight-bitflip --help)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=argparse.ArgumentParser)
+    add_neuron_arguments(commands.add_parser(
+        "neurons", formatter_class=HelpFormatter, help="single-bit flips in conv/linear outputs (the paper's campaigns)",
+        description="Single-bit-flip campaign on conv/linear outputs: ΔLoss, mismatch and Top2Diff per fault, "
+                    "per layer and for the network."))
+    add_weight_run_arguments(commands.add_parser(
+        "weights", formatter_class=HelpFormatter, help="faults in weights from a dnn-benchmarks fault list",
+        description=WEIGHT_RUN_DESCRIPTION))
+    merge = commands.add_parser("merge", formatter_class=HelpFormatter, help="gather shards run into separate folders",
+                                description="Gather shards and write the final files.")
+    merge.add_argument("dirs", nargs="+", metavar="DIR", help="campaign folders of the shards")
+    merge.add_argument("--out", default=None, metavar="DIR", help="merged folder (default: the first DIR)")
+    return parser
+
+
+def add_neuron_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a neuron-fault campaign."""
+    parser.add_argument("--fault-model", choices=(NEURON_FAULT_MODEL,), default=NEURON_FAULT_MODEL,
+                        help="transient flip of one activation bit (weight faults: inject.py weights)")
     parser.add_argument("--out", required=True, metavar="DIR", help="campaign folder (rerun to resume)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="fault sampling seed")
 
@@ -120,15 +165,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_sampling_args(parser)
     arithmetic.add_arguments(parser)
-    return parser
-
-
-def get_merge_parser() -> argparse.ArgumentParser:
-    """Options of ``inject.py merge``."""
-    parser = argparse.ArgumentParser(prog="inject.py merge", description="Gather shards and write the final files.")
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="campaign folders of the shards")
-    parser.add_argument("--out", default=None, metavar="DIR", help="merged folder (default: the first DIR)")
-    return parser
 
 
 def launcher_shard(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
@@ -375,20 +411,20 @@ def check_plan_memory(args: argparse.Namespace, sampling: Sampling) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch: weight faults, ``merge``, or a neuron-fault campaign."""
+    """Parse the command line and run its subcommand: a neuron-fault campaign, weight faults or ``merge``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from resilience.weights.cli import cli as weights_cli
-    from resilience.weights.cli import wants_weight_faults
-
-    if wants_weight_faults(argv):
-        return weights_cli(argv, prog="inject.py")
-    if argv and argv[0] == "merge":
-        margs = get_merge_parser().parse_args(argv[1:])
-        return run_cli(lambda: merge_dirs(margs.dirs, margs.out))
     parser = get_args_parser()
-    if any(arg == "--fault-list" or arg.startswith("--fault-list=") for arg in argv):
-        parser.error(f"--fault-list needs a weight fault model: --fault-model {{{','.join(WEIGHT_FAULT_MODELS)}}}")
+    if argv[:1] != ["weights"] and not wants_weight_faults(argv) and any(
+            arg == "--fault-list" or arg.startswith("--fault-list=") for arg in argv):
+        parser.error(f"--fault-list needs a weight fault model: inject.py weights (or --fault-model "
+                     f"{{{','.join(WEIGHT_FAULT_MODELS)}}})")
     args = parser.parse_args(argv)
+    if args.spelling_note:
+        print(args.spelling_note, file=sys.stderr, flush=True)
+    if args.command == "weights":
+        return run_cli(lambda: run_weight_faults(args))
+    if args.command == "merge":
+        return run_cli(lambda: merge_dirs(args.dirs, args.out))
     return run_cli(lambda: campaign(args, argv))
 
 

@@ -218,11 +218,11 @@ def test_arithmetic_is_recorded_and_mismatches_are_refused(tmp_path: Path) -> No
 def test_cli_reports_a_bad_combination_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import inject
 
-    argv = ["--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), "--tf32-layers", "conv"]
+    argv = ["neurons", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), "--tf32-layers", "conv"]
     assert inject.main(argv) == 2
     err = capsys.readouterr().err
     assert err == "error: --tf32-layers and --tf32-impl need --math tf32\n"
-    assert inject.main(["--fault-model", "weight-bitflip", "--fault-list", "x.csv", "--checkpoint", "y.th",
+    assert inject.main(["weights", "--fault-model", "weight-bitflip", "--fault-list", "x.csv", "--checkpoint", "y.th",
                         "--math", "tf32", "--amp", "fp16"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 

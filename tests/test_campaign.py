@@ -302,5 +302,26 @@ def test_cli_bad_input(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.Cap
 def test_cli_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import inject
 
-    assert inject.main(["--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x")]) == 2
+    assert inject.main(["neurons", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["--checkpoint", "c.pth", "--out", "x"], "neurons"),
+    (["--fault-model", "neuron-bitflip", "--checkpoint", "c.pth", "--out", "x"], "neurons"),
+    (["--fault-model", "weight-stuck1", "--fault-list", "f.csv", "--checkpoint", "c.pth"], "weights"),
+    (["--fault-model=weight-bitflip", "--fault-list", "f.csv", "--checkpoint", "c.pth"], "weights"),
+    (["neurons", "--checkpoint", "c.pth", "--out", "x"], "neurons"),
+    (["weights", "--fault-list", "f.csv", "--checkpoint", "c.pth"], "weights"),
+    (["merge", "a", "b"], "merge"),
+])
+def test_subcommands_and_the_older_spellings(argv: list[str], command: str) -> None:
+    import inject
+
+    args = inject.get_args_parser().parse_args(argv)
+    assert args.command == command
+    if argv[0] in inject.SUBCOMMANDS:
+        assert args.spelling_note is None
+    else:
+        assert args.spelling_note == f"note: this command is now spelled 'inject.py {command} ...' (the spelling used keeps working)"
+        assert args.checkpoint == "c.pth"

@@ -433,6 +433,6 @@ def test_inject_cli_refuses_option_combinations(tmp_path, capsys, extra, message
     import inject
 
     # Checked before the checkpoint is even read.
-    assert inject.main(["--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), *extra]) == 2
+    assert inject.main(["neurons", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
