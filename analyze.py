@@ -116,9 +116,7 @@ def evaluation_images(meta: dict[str, Any], dataset: str, args: argparse.Namespa
     """The test images in the model's own evaluation preset."""
     import data
 
-    preset = meta.get("preset") or data.eval_preset(dataset, meta.get("model"), small_input=bool(meta.get("small_input")),
-                                                   in_chans=meta.get("in_chans"))
-    split = data.build_dataset(dataset, "test", args.data_path, preset=dict(preset))
+    split = data.build_dataset(dataset, "test", args.data_path, preset=data.preset_for(meta, dataset))
     return EvaluatedImages(split, evaluated_ids(len(split), args.max_images))
 
 

@@ -202,11 +202,7 @@ def resolve_dataset(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str
     dataset = args.dataset or meta.get("dataset")
     if dataset not in data.DATASETS:
         raise CampaignError(f"give --dataset (one of {', '.join(data.DATASETS)}); the checkpoint names none")
-    if meta.get("preset") and meta.get("dataset") == dataset:
-        return dataset, dict(meta["preset"])
-    preset = data.eval_preset(dataset, meta.get("model"), small_input=bool(meta.get("small_input")),
-                              in_chans=meta.get("in_chans"))
-    return dataset, dict(preset)
+    return dataset, data.preset_for(meta, dataset)
 
 
 def versions() -> dict[str, str | None]:

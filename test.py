@@ -92,20 +92,11 @@ def check_features(args: argparse.Namespace, meta: dict[str, Any], model: torch.
 
 
 def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The checkpoint's own preset when it was trained on ``dataset``, else the model's default one."""
+    """The checkpoint's preset on ``dataset`` (``data.preset_for``) with the command line's overrides."""
     import data
 
-    if meta.get("preset") and meta.get("dataset") in (None, dataset):
-        preset = dict(meta["preset"])
-    else:
-        preset = dict(
-            data.eval_preset(
-                dataset, meta.get("model"), small_input=bool(meta.get("small_input")), in_chans=meta.get("in_chans")
-            )
-        )
     overrides = {"resize_size": args.val_resize_size, "crop_size": args.val_crop_size, "interpolation": args.interpolation}
-    preset.update({k: v for k, v in overrides.items() if v is not None})
-    return preset
+    return data.preset_for(meta, dataset, overrides)
 
 
 def write_outputs(result: dict[str, Any], per_class: list[dict], out: str | None, csv_path: str | None) -> None:

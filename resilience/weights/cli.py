@@ -177,9 +177,7 @@ def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: s
             # another dataset's images: scale them to the size the model saw instead of padding by the crop
             preset["resize_size"] = [preset["crop_size"], preset["crop_size"]]
         return preset
-    if meta.get("preset") and meta.get("dataset") in (None, dataset):
-        return dict(meta["preset"])
-    return dict(data.eval_preset(dataset, model_name, small_input=small, in_chans=chans))
+    return data.preset_for(meta, dataset)
 
 
 def format_bit_rates(rates: dict[int, float]) -> str:
