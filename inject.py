@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+import data
+import models
 from cli_shell import HelpFormatter, non_negative_int, positive_int, regex, run_cli
 from models.device import resolve_device
 from resilience import arithmetic
@@ -178,9 +180,6 @@ def launcher_shard(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The checkpoint's model (evaluation mode, CPU) and its meta, fused if asked."""
-    import data
-    import models
-
     num_classes = args.num_classes
     if num_classes is None and args.dataset in data.DATASETS:
         num_classes = data.num_classes(args.dataset)
@@ -197,8 +196,6 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any
 
 def resolve_dataset(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The dataset name and its evaluation preset (the checkpoint's, when it was trained on it)."""
-    import data
-
     dataset = args.dataset or meta.get("dataset")
     if dataset not in data.DATASETS:
         raise CampaignError(f"give --dataset (one of {', '.join(data.DATASETS)}); the checkpoint names none")
@@ -281,8 +278,6 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.Arithmetic) -> int:
-    import data
-
     sampling = sampling_from_args(args)  # before the uniform default below: it refuses --injections
     if sampling.name != "uniform" and arith.amp:
         raise CampaignError("--amp campaigns use uniform sampling (no --sampling stratified)")
@@ -346,8 +341,6 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
         clamp_max = cached_profile(cache, key, lambda: profile_max_abs(
             model, layers, (x for x, _ in progress_bar(batches, len(train_ids), "profile", args.no_progress)), fmt,
             device))
-
-    import models
 
     provenance = {
         "model": meta["model"], "head": meta.get("head"), "checkpoint": str(Path(args.checkpoint).resolve()),

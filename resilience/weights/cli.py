@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import data
+import models
 from cli_shell import HelpFormatter, UserError, differences, non_negative_int, positive_int, run_cli
 from models.checkpoint import sha256_file
 from models.device import resolve_device
@@ -145,9 +147,6 @@ def get_generate_parser(add_help: bool = True, prog: str | None = None) -> argpa
 
 def load_model(args: argparse.Namespace, dataset: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``--checkpoint`` (eval mode), or a randomly initialised ``--model``."""
-    import data
-    import models
-
     num_classes = args.num_classes or (data.num_classes(dataset) if dataset in data.DATASETS else None)
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
@@ -166,8 +165,6 @@ def load_model(args: argparse.Namespace, dataset: str | None = None) -> tuple[nn
 
 def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: str) -> dict[str, Any]:
     """``--preset-from``'s inputs (images resized to its size), else the checkpoint's or the dataset's preset."""
-    import data
-
     model_name, small, chans = meta.get("model"), bool(meta.get("small_input")), meta.get("in_chans")
     if args.preset_from:
         if args.preset_from not in data.DATASETS:
@@ -193,8 +190,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, Any]:
-    import data
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
