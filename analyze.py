@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import data
+import models
 from analysis.ablation import VARIANTS, AblationPlan, ablation_steps, ablation_table, write_ablation
 from analysis.pipeline import run_steps
 from analysis.top2diff_sweep import DEFAULT_DELTAS, accuracy_above, crossing_point, plot_sweep
@@ -93,8 +95,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_pair(args: argparse.Namespace) -> tuple[list[tuple[str, torch.nn.Module, dict[str, Any]]], str]:
     """Both models (evaluation mode, on the device) with their meta, and the dataset they are evaluated on."""
-    import models
-
     loaded = []
     for label, path in zip(MODELS, (args.baseline, args.text), strict=True):
         if not Path(path).is_file():
@@ -114,11 +114,7 @@ def load_pair(args: argparse.Namespace) -> tuple[list[tuple[str, torch.nn.Module
 
 def evaluation_images(meta: dict[str, Any], dataset: str, args: argparse.Namespace) -> EvaluatedImages:
     """The test images in the model's own evaluation preset."""
-    import data
-
-    preset = meta.get("preset") or data.eval_preset(dataset, meta.get("model"), small_input=bool(meta.get("small_input")),
-                                                   in_chans=meta.get("in_chans"))
-    split = data.build_dataset(dataset, "test", args.data_path, preset=dict(preset))
+    split = data.build_dataset(dataset, "test", args.data_path, preset=data.preset_for(meta, dataset))
     return EvaluatedImages(split, evaluated_ids(len(split), args.max_images))
 
 

@@ -1,10 +1,13 @@
-"""Statistical single-bit-flip campaigns on the activations of every conv/linear layer.
+"""Fault-injection campaigns: single-bit flips in activations (``neurons``) or in weights (``weights``).
 
-    python inject.py --checkpoint runs/fm_resnet20_text/checkpoint.pth --injections 512 --seed 0 --out runs/fi_text
-    python inject.py ... --shard 0/4          (one of four shards; or run under torchrun: one shard per rank)
+    python inject.py neurons --checkpoint runs/fm_resnet20_text/checkpoint.pth --injections 512 --seed 0 --out runs/fi_text
+    python inject.py neurons ... --shard 0/4     (one of four shards; or run under torchrun: one shard per rank)
     python inject.py merge DIR [DIR ...] [--out OUT]     (shards run into separate folders)
-    python inject.py --fault-model weight-bitflip ...    (weight faults: see docs/weight_faults.md)
-    python inject.py ... --sampling stratified --target-ci 0.1    (bits as strata, adaptive: docs/stratified.md)
+    python inject.py weights --fault-list FL.csv ...     (weight faults: see docs/weight_faults.md)
+    python inject.py neurons ... --sampling stratified --target-ci 0.1    (bits as strata, adaptive: docs/stratified.md)
+
+The older spellings keep working with a one-line note: without a subcommand, ``--fault-model weight-*``
+means ``weights`` and anything else ``neurons``.
 
 Rerunning the same command resumes: finished chunks are skipped and the final files are identical to
 those of an uninterrupted run. Definitions and outputs: docs/injection.md.
@@ -22,13 +25,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+import data
+import models
 from cli_shell import HelpFormatter, non_negative_int, positive_int, regex, run_cli
 from models.device import resolve_device
 from resilience import arithmetic
@@ -36,12 +40,9 @@ from resilience.bitflip import FORMATS, get_format
 from resilience.campaign import (
     CLAMP_MODES,
     CampaignConfig,
-    CampaignDir,
     CampaignError,
+    CampaignFolder,
     append_run_log,
-    assemble,
-    execute,
-    merge,
     parse_shard,
 )
 from resilience.engines import ENGINES
@@ -55,35 +56,68 @@ from resilience.golden import (
 )
 from resilience.layers import discover_layers
 from resilience.profile import cached_profile, profile_max_abs
+from resilience.runner import Sampling, add_sampling_args, execute, is_complete, merge, sampling_from_args
 from resilience.storage import atomic_write
-from resilience.stratified import AdaptiveConfig, make_strata
-from resilience.stratified_campaign import (
-    add_stratified_args,
-    assemble_stratified,
-    execute_stratified,
-    is_stratified,
-    merge_stratified,
-    sampling_from_args,
-    stratified_complete,
-)
+from resilience.weights.cli import RUN_DESCRIPTION as WEIGHT_RUN_DESCRIPTION
+from resilience.weights.cli import add_run_arguments as add_weight_run_arguments
+from resilience.weights.cli import run as run_weight_faults
+from resilience.weights.cli import wants_weight_faults
 from resilience.weights.faults import FAULT_MODELS as WEIGHT_FAULT_MODELS
 
 PLAN_BYTES_PER_FAULT = 64  # one layer's sampled sites and their temporaries (resilience.sampling)
 IN_MEMORY_LIMIT = 2 << 30  # bytes of evaluated images held in memory; larger splits are read on demand
 GOLDEN_BATCH = 256  # fixed, so golden logits do not depend on --batch-size
 NEURON_FAULT_MODEL = "neuron-bitflip"
+SUBCOMMANDS = ("neurons", "weights", "merge")
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """Options of a neuron-fault campaign."""
-    parser = argparse.ArgumentParser(
+class InjectParser(argparse.ArgumentParser):
+    """The command line of ``inject.py``: subcommands, and the older spellings without one.
+
+    A command line without a subcommand gets the one it means and ``spelling_note`` (one line for the
+    user); with a subcommand, ``spelling_note`` is None.
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """Parse ``args`` (default: ``sys.argv[1:]``), naming the subcommand an older spelling means."""
+        argv = list(sys.argv[1:] if args is None else args)
+        note = None
+        if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+            command = "weights" if wants_weight_faults(argv) else "neurons"
+            note = f"note: this command is now spelled 'inject.py {command} ...' (the spelling used keeps working)"
+            argv.insert(0, command)
+        parsed, extra = super().parse_known_args(argv, namespace)
+        parsed.spelling_note = note
+        return parsed, extra
+
+
+def get_args_parser(add_help: bool = True) -> InjectParser:
+    """The options of ``inject.py neurons``, ``weights`` and ``merge``."""
+    parser = InjectParser(
         prog="inject.py", add_help=add_help, formatter_class=HelpFormatter,
-        description="Single-bit-flip campaign on conv/linear outputs: ΔLoss, mismatch and Top2Diff per fault, "
-                    "per layer and for the network. Subcommand: 'inject.py merge DIR...'.",
+        description="Fault-injection campaigns. 'inject.py COMMAND --help' lists a command's options.",
     )
-    parser.add_argument("--fault-model", choices=(NEURON_FAULT_MODEL, *WEIGHT_FAULT_MODELS), default=NEURON_FAULT_MODEL,
-                        help="neuron-bitflip: transient flip of one activation bit; weight-*: faults in weights, "
-                             "with --fault-list (their options: inject.py --fault-model weight-bitflip --help)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=argparse.ArgumentParser)
+    add_neuron_arguments(commands.add_parser(
+        "neurons", formatter_class=HelpFormatter, help="single-bit flips in conv/linear outputs (the paper's campaigns)",
+        description="Single-bit-flip campaign on conv/linear outputs: ΔLoss, mismatch and Top2Diff per fault, "
+                    "per layer and for the network."))
+    add_weight_run_arguments(commands.add_parser(
+        "weights", formatter_class=HelpFormatter, help="faults in weights from a dnn-benchmarks fault list",
+        description=WEIGHT_RUN_DESCRIPTION))
+    merge = commands.add_parser("merge", formatter_class=HelpFormatter, help="gather shards run into separate folders",
+                                description="Gather shards and write the final files.")
+    merge.add_argument("dirs", nargs="+", metavar="DIR", help="campaign folders of the shards")
+    merge.add_argument("--out", default=None, metavar="DIR", help="merged folder (default: the first DIR)")
+    return parser
+
+
+def add_neuron_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a neuron-fault campaign."""
+    parser.add_argument("--fault-model", choices=(NEURON_FAULT_MODEL,), default=NEURON_FAULT_MODEL,
+                        help="transient flip of one activation bit (weight faults: inject.py weights)")
     parser.add_argument("--out", required=True, metavar="DIR", help="campaign folder (rerun to resume)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="fault sampling seed")
 
@@ -131,17 +165,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--shard", default=None, metavar="i/k",
                    help="run shard i of k (0-based); under torchrun: RANK/WORLD_SIZE")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_stratified_args(parser)
+    add_sampling_args(parser)
     arithmetic.add_arguments(parser)
-    return parser
-
-
-def get_merge_parser() -> argparse.ArgumentParser:
-    """Options of ``inject.py merge``."""
-    parser = argparse.ArgumentParser(prog="inject.py merge", description="Gather shards and write the final files.")
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="campaign folders of the shards")
-    parser.add_argument("--out", default=None, metavar="DIR", help="merged folder (default: the first DIR)")
-    return parser
 
 
 def launcher_shard(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
@@ -155,9 +180,6 @@ def launcher_shard(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The checkpoint's model (evaluation mode, CPU) and its meta, fused if asked."""
-    import data
-    import models
-
     num_classes = args.num_classes
     if num_classes is None and args.dataset in data.DATASETS:
         num_classes = data.num_classes(args.dataset)
@@ -174,16 +196,10 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any
 
 def resolve_dataset(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The dataset name and its evaluation preset (the checkpoint's, when it was trained on it)."""
-    import data
-
     dataset = args.dataset or meta.get("dataset")
     if dataset not in data.DATASETS:
         raise CampaignError(f"give --dataset (one of {', '.join(data.DATASETS)}); the checkpoint names none")
-    if meta.get("preset") and meta.get("dataset") == dataset:
-        return dataset, dict(meta["preset"])
-    preset = data.eval_preset(dataset, meta.get("model"), small_input=bool(meta.get("small_input")),
-                              in_chans=meta.get("in_chans"))
-    return dataset, dict(preset)
+    return dataset, data.preset_for(meta, dataset)
 
 
 def versions() -> dict[str, str | None]:
@@ -262,10 +278,8 @@ def campaign(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.Arithmetic) -> int:
-    import data
-
     sampling = sampling_from_args(args)  # before the uniform default below: it refuses --injections
-    if sampling is not None and arith.amp:
+    if sampling.name != "uniform" and arith.amp:
         raise CampaignError("--amp campaigns use uniform sampling (no --sampling stratified)")
     if args.injections is None and args.margin is None:
         args.injections = 512
@@ -290,7 +304,7 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
         profile_images=args.profile_images if args.clamp == "profile" else None, engine=args.engine,
         batch_size=args.batch_size, chunk_size=args.chunk_size, device=device.type, arithmetic=arith.describe(),
     )
-    if _already_complete(out, config, sampling):
+    if is_complete(out, config, sampling):
         print(f"{out}: campaign already complete; nothing to do", flush=True)
         return 0
 
@@ -305,7 +319,7 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
         "model", "dataset", "split", "checkpoint_sha256", "fused_text_head", "preset", "max_images", "format",
         "device", "arithmetic")})
     out.mkdir(parents=True, exist_ok=True)
-    golden = cached_golden(out / "golden.pt", golden_key, lambda: golden_pass(
+    golden = cached_golden(CampaignFolder(out).file("golden.pt"), golden_key, lambda: golden_pass(
         model, ids, progress_bar(evaluated.batches(GOLDEN_BATCH), len(ids), "golden pass", args.no_progress), fmt, device))
     t_setup = time.perf_counter() - t_start  # model, images and golden pass
 
@@ -328,8 +342,6 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
             model, layers, (x for x, _ in progress_bar(batches, len(train_ids), "profile", args.no_progress)), fmt,
             device))
 
-    import models
-
     provenance = {
         "model": meta["model"], "head": meta.get("head"), "checkpoint": str(Path(args.checkpoint).resolve()),
         "checkpoint_sha256": meta.get("checkpoint_sha256"), "text_features": meta.get("text_features"),
@@ -341,10 +353,9 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
           f"{len(ids)} images, accuracy {100 * golden.accuracy:.2f}%, golden set "
           f"{len(golden.golden_set(args.golden))}; {len(layers)} conv/linear layers; device {device}, "
           f"format {args.format}, arithmetic {arith.label}, engine {args.engine}, shard {shard[0]}/{shard[1]}", flush=True)
-    run = execute if sampling is None else partial(execute_stratified, adaptive=sampling[0], grouping=sampling[1])
-    cdir, stats = run(
-        out, config, model, layers, golden, evaluated, provenance=provenance, clamp_max=clamp_max, device=device,
-        shard=shard, progress=not args.no_progress,
+    opened, stats = execute(
+        out, config, model, layers, golden, evaluated, sampling=sampling, provenance=provenance, clamp_max=clamp_max,
+        device=device, shard=shard, progress=not args.no_progress,
     )
     wall = time.perf_counter() - t_start
     rate = stats.faults / stats.seconds if stats.seconds > 0 else float("nan")
@@ -357,28 +368,17 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
     })
     print(f"ran {stats.faults} faults ({stats.skipped} already done) in {stats.seconds:.1f} s: {rate:.1f} faults/s; "
           f"wall {wall:.1f} s", flush=True)
-    missing = cdir.missing()
+    missing = opened.missing()
     if missing:
-        print(f"{len(missing)} {'chunks' if sampling is None else 'layers'} left to other shards; the last shard to "
+        print(f"{len(missing)} {opened.unit_name} left to other shards; the last shard to "
               f"finish writes the final files (shards run into separate folders: python inject.py merge {out} "
               f"OTHER_SHARD_DIR ...)", flush=True)
         return 0
-    summary = assemble(cdir) if sampling is None else assemble_stratified(out)
+    summary = opened.assemble()
     net = summary["network"]
     print(f"network ΔLoss {net['delta_loss']:.4g}, mismatch {100 * net['mismatch_rate']:.2f}%, "
           f"{net['non_finite']} non-finite of {net['faults']} faults; outputs in {out}", flush=True)
     return 0
-
-
-def _already_complete(out: Path, config: CampaignConfig, sampling: tuple[AdaptiveConfig, str] | None) -> bool:
-    if sampling is not None:
-        return stratified_complete(out, config, *sampling)
-    if not (out / "summary.json").is_file():
-        return False
-    with contextlib.suppress(CampaignError, TypeError, ValueError, KeyError):
-        cdir = CampaignDir.open(out)
-        return cdir.config == config and not cdir.missing()
-    return False
 
 
 def available_memory() -> int | None:
@@ -390,13 +390,9 @@ def available_memory() -> int | None:
     return None
 
 
-def check_plan_memory(args: argparse.Namespace, sampling: tuple[AdaptiveConfig, str] | None) -> None:
+def check_plan_memory(args: argparse.Namespace, sampling: Sampling) -> None:
     """Refuse, before any file is written, a per-layer fault plan that cannot fit in memory."""
-    if sampling is None:
-        faults = args.injections or 0  # a --margin plan is bounded by the Leveugle formula
-    else:
-        adaptive, grouping = sampling
-        faults = max(adaptive.max_injections, adaptive.pilot * len(make_strata(get_format(args.format), grouping)))
+    faults = sampling.planned_faults(args.injections, args.format)
     need, available = faults * PLAN_BYTES_PER_FAULT, available_memory()
     if available is not None and need > available:
         raise CampaignError(f"{faults:,} faults per layer need about {need / 2**30:.1f} GiB to plan, more than the "
@@ -404,27 +400,26 @@ def check_plan_memory(args: argparse.Namespace, sampling: tuple[AdaptiveConfig, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch: weight faults, ``merge``, or a neuron-fault campaign."""
+    """Parse the command line and run its subcommand: a neuron-fault campaign, weight faults or ``merge``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from resilience.weights.cli import cli as weights_cli
-    from resilience.weights.cli import wants_weight_faults
-
-    if wants_weight_faults(argv):
-        return weights_cli(argv, prog="inject.py")
-    if argv and argv[0] == "merge":
-        margs = get_merge_parser().parse_args(argv[1:])
-        return run_cli(lambda: merge_dirs(margs.dirs, margs.out))
     parser = get_args_parser()
-    if any(arg == "--fault-list" or arg.startswith("--fault-list=") for arg in argv):
-        parser.error(f"--fault-list needs a weight fault model: --fault-model {{{','.join(WEIGHT_FAULT_MODELS)}}}")
+    if argv[:1] != ["weights"] and not wants_weight_faults(argv) and any(
+            arg == "--fault-list" or arg.startswith("--fault-list=") for arg in argv):
+        parser.error(f"--fault-list needs a weight fault model: inject.py weights (or --fault-model "
+                     f"{{{','.join(WEIGHT_FAULT_MODELS)}}})")
     args = parser.parse_args(argv)
+    if args.spelling_note:
+        print(args.spelling_note, file=sys.stderr, flush=True)
+    if args.command == "weights":
+        return run_cli(lambda: run_weight_faults(args))
+    if args.command == "merge":
+        return run_cli(lambda: merge_dirs(args.dirs, args.out))
     return run_cli(lambda: campaign(args, argv))
 
 
 def merge_dirs(dirs: Sequence[str], out: str | None) -> None:
     """``inject.py merge``: gather the shards' folders into ``out`` (default: the first) and assemble."""
-    gather = merge_stratified if is_stratified(Path(dirs[0])) else merge
-    summary = gather([Path(d) for d in dirs], Path(out or dirs[0]))
+    summary = merge([Path(d) for d in dirs], Path(out or dirs[0]))
     print(f"merged {len(dirs)} folder(s): network ΔLoss {summary['network']['delta_loss']:.4g}", flush=True)
 
 

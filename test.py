@@ -18,6 +18,9 @@ from typing import Any
 import torch
 import torch.utils.data
 
+import data
+import models
+import text_features
 from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
 from models.device import default_workers, resolve_device
 from resilience import arithmetic
@@ -77,8 +80,6 @@ def check_features(args: argparse.Namespace, meta: dict[str, Any], model: torch.
     """A features file given on the command line must match the trained head's shape."""
     if not args.text_features:
         return
-    import text_features
-
     path = Path(args.text_features)
     if not path.is_file():
         raise UserError(f"text features file not found: {path}")
@@ -92,20 +93,9 @@ def check_features(args: argparse.Namespace, meta: dict[str, Any], model: torch.
 
 
 def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The checkpoint's own preset when it was trained on ``dataset``, else the model's default one."""
-    import data
-
-    if meta.get("preset") and meta.get("dataset") in (None, dataset):
-        preset = dict(meta["preset"])
-    else:
-        preset = dict(
-            data.eval_preset(
-                dataset, meta.get("model"), small_input=bool(meta.get("small_input")), in_chans=meta.get("in_chans")
-            )
-        )
+    """The checkpoint's preset on ``dataset`` (``data.preset_for``) with the command line's overrides."""
     overrides = {"resize_size": args.val_resize_size, "crop_size": args.val_crop_size, "interpolation": args.interpolation}
-    preset.update({k: v for k, v in overrides.items() if v is not None})
-    return preset
+    return data.preset_for(meta, dataset, overrides)
 
 
 def write_outputs(result: dict[str, Any], per_class: list[dict], out: str | None, csv_path: str | None) -> None:
@@ -140,12 +130,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _evaluate(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, Any]:
-    import data
-
     if args.amp and arith.math == "tf32":
         raise UserError("--amp and --math tf32 exclude each other: autocast layers do not compute in fp32")
-    import models
-
     path = Path(args.checkpoint)
     if not path.is_file():
         raise UserError(f"checkpoint {'is a folder' if path.is_dir() else 'not found'}: {path}")

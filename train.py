@@ -188,10 +188,9 @@ def eval_preset_for(args: argparse.Namespace) -> dict[str, Any]:
     """The model's evaluation preset, with the command line's size/interpolation overrides."""
     import data
 
-    preset = dict(data.eval_preset(args.dataset, args.model, small_input=args.small_input, in_chans=args.in_chans))
+    model = {"model": args.model, "small_input": args.small_input, "in_chans": args.in_chans}
     overrides = {"resize_size": args.val_resize_size, "crop_size": args.val_crop_size, "interpolation": args.interpolation}
-    preset.update({k: v for k, v in overrides.items() if v is not None})
-    return preset
+    return data.preset_for(model, args.dataset, overrides)
 
 
 def train_options(args: argparse.Namespace) -> dict[str, Any]:

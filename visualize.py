@@ -143,13 +143,7 @@ def resolve_inputs(args: argparse.Namespace, metas: Sequence[dict[str, Any]]) ->
     dataset = args.dataset or metas[0].get("dataset") or metas[1].get("dataset")
     if dataset not in data.DATASETS:
         raise CamError(f"give --dataset (one of {', '.join(data.DATASETS)}); the checkpoints name none")
-    presets = []
-    for meta in metas:
-        if meta.get("preset") and meta.get("dataset") == dataset:
-            presets.append(data.check_eval_preset(meta["preset"]))
-        else:
-            presets.append(data.eval_preset(dataset, meta["model"], small_input=bool(meta.get("small_input")),
-                                            in_chans=meta.get("in_chans")))
+    presets = [data.check_eval_preset(data.preset_for(meta, dataset)) for meta in metas]
     if presets[0] != presets[1]:
         raise CamError(f"the checkpoints expect different inputs ({presets[0]} vs {presets[1]}); "
                        f"a CAM comparison needs the same images for both")

@@ -121,6 +121,28 @@ def eval_preset(dataset: str, model_name: str | None = None, small_input: bool =
             "mean": mean_std[0], "std": mean_std[1], "channels": channels}
 
 
+PRESET_OVERRIDES = ("resize_size", "crop_size", "interpolation")
+
+
+def preset_for(meta: Mapping[str, Any], dataset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The evaluation preset a model described by ``meta`` (a checkpoint's) gets on ``dataset``.
+
+    The checkpoint's own preset when it has one and was trained on ``dataset`` (or names no dataset),
+    else :func:`eval_preset` for its model, small-input stem and input channels. ``overrides`` (resize
+    size, crop size, interpolation) replace the preset's values where they are not None.
+    """
+    if meta.get("preset") and meta.get("dataset") in (None, dataset):
+        preset = dict(meta["preset"])
+    else:
+        preset = eval_preset(dataset, meta.get("model"), small_input=bool(meta.get("small_input")),
+                             in_chans=meta.get("in_chans"))
+    unknown = set(overrides or {}) - set(PRESET_OVERRIDES)
+    if unknown:
+        raise ValueError(f"only {', '.join(PRESET_OVERRIDES)} can be overridden, not {', '.join(sorted(unknown))}")
+    preset.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return preset
+
+
 def check_eval_preset(preset: Mapping[str, Any]) -> dict[str, Any]:
     """A validated plain copy of an evaluation preset; ValueError naming the first problem."""
     if not isinstance(preset, Mapping):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +48,7 @@ from resilience.storage import (
 CAMPAIGN_FORMAT = "tgr-neuron-campaign/1"
 FAULT_MODEL = "neuron-bitflip-transient"
 CLAMP_MODES = ("none", "profile")
+T = TypeVar("T")
 
 FAULT_SCHEMA = pa.schema(
     [
@@ -210,48 +211,93 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, k
 
 
-class CampaignDir:
-    """The folder of one campaign: its record, finished chunks and final files."""
+class CampaignFolder:
+    """Where every file of a campaign folder lives (the only place these names are spelled)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    @property
+    def record(self) -> Path:
+        """``campaign.json``: configuration, plan, golden facts and provenance."""
+        return self.out / "campaign.json"
+
+    @property
+    def parts(self) -> Path:
+        """Folder of finished parts (chunks, rounds)."""
+        return self.out / "parts"
+
+    def chunk(self, layer: int, chunk: int) -> Path:
+        """A finished chunk of a uniform campaign."""
+        return self.parts / f"{layer:04d}-{chunk:05d}.parquet"
+
+    def round(self, layer: int, round_index: int, chunk: int | None = None) -> Path:
+        """A finished round of a stratified campaign's layer (or one chunk of it, while the round runs)."""
+        suffix = "" if chunk is None else f"-c{chunk:05d}"
+        return self.parts / f"{layer:04d}-r{round_index:04d}{suffix}.parquet"
+
+    def round_chunks(self) -> list[Path]:
+        """Chunk files of rounds (left behind when a kill came after the round's file was written)."""
+        return sorted(self.parts.glob("*-c*.parquet"))
+
+    def layer_result(self, layer: int) -> Path:
+        """The estimate of a finished stratified layer."""
+        return self.out / "layers" / f"{layer:04d}.json"
+
+    def file(self, name: str) -> Path:
+        """A file directly in the folder: final outputs, ``golden.pt``, ``runs.jsonl``."""
+        return self.out / name
+
+
+def claim_folder(out: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write ``campaign.json`` for ``record``, or check that the stored one describes the same campaign.
+
+    Returns the record in the folder (its provenance is the first shard's).
+    """
+    path = CampaignFolder(out).record
+    if not path.is_file():
+        write_json(path, record)
+        return record
+    stored = read_json(path)
+    was = from_record(stored.get("config", {}).get("arithmetic")).describe()
+    if was != record["config"]["arithmetic"]:
+        raise CampaignError(f"{out} holds a campaign in another arithmetic ({was}, asked for "
+                            f"{record['config']['arithmetic']}); use another --out")
+    differs = record_difference(stored, record)
+    if differs:
+        raise CampaignError(f"{out} holds a different campaign ({differs} differs); use another --out")
+    return stored
+
+
+def record_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first entry of two campaign records that differs, provenance aside (which shards may vary)."""
+    return next((key for key in {**a, **b} if key != "provenance" and a.get(key) != b.get(key)), None)
+
+
+def read_record(out: Path) -> dict[str, Any]:
+    """The ``campaign.json`` of an existing campaign folder."""
+    path = CampaignFolder(out).record
+    if not path.is_file():
+        raise CampaignError(f"{out} is not a campaign folder (no campaign.json)")
+    return read_json(path)
+
+
+class RecordedCampaign:
+    """What a campaign of either sampling reads from its ``campaign.json``."""
 
     def __init__(self, out: Path, record: dict[str, Any]) -> None:
-        self.out = Path(out)
+        self.folder = CampaignFolder(out)
+        self.out = self.folder.out
         self.record = record
         self.config = CampaignConfig(**record["config"])
         self.plans = [LayerPlan.from_dict(d) for d in record["plan"]]
         self.key = campaign_key(record)
 
-    @classmethod
-    def create(cls, out: Path, record: dict[str, Any]) -> CampaignDir:
-        """Open ``out`` for ``record``: write campaign.json, or check that the stored one matches."""
-        path = Path(out) / "campaign.json"
-        if path.is_file():
-            stored = read_json(path)
-            was = from_record(stored.get("config", {}).get("arithmetic")).describe()
-            if was != record["config"]["arithmetic"]:
-                raise CampaignError(f"{out} holds a campaign in another arithmetic ({was}, asked for "
-                                    f"{record['config']['arithmetic']}); use another --out")
-            for key in ("format", "config", "plan", "golden", "clamp_max"):
-                if stored.get(key) != record.get(key):
-                    raise CampaignError(f"{out} holds a different campaign ({key} differs); use another --out")
-            return cls(out, stored)
-        write_json(path, record)
-        return cls(out, record)
 
-    @classmethod
-    def open(cls, out: Path) -> CampaignDir:
-        """An existing campaign folder."""
-        path = Path(out) / "campaign.json"
-        if not path.is_file():
-            raise CampaignError(f"{out} is not a campaign folder (no campaign.json)")
-        record = read_json(path)
-        if record.get("format") != CAMPAIGN_FORMAT:
-            raise CampaignError(f"{path}: unknown format {record.get('format')!r}")
-        return cls(out, record)
+class UniformCampaign(RecordedCampaign):
+    """A uniform campaign's folder: its record, finished chunks and final files."""
 
-    @property
-    def parts(self) -> Path:
-        """Folder of finished chunks."""
-        return self.out / "parts"
+    unit_name = "chunks"  # what ``missing()`` counts
 
     def units(self) -> list[Unit]:
         """All chunks of all layers in plan order."""
@@ -264,7 +310,7 @@ class CampaignDir:
 
     def part_path(self, unit: Unit) -> Path:
         """Where a finished chunk is stored."""
-        return self.parts / f"{unit.layer:04d}-{unit.chunk:05d}.parquet"
+        return self.folder.chunk(unit.layer, unit.chunk)
 
     def is_done(self, unit: Unit) -> bool:
         """True when the chunk's file exists (files appear by atomic rename, so they are complete)."""
@@ -284,27 +330,82 @@ class CampaignDir:
             if self.is_done(unit):
                 self.read_part(unit)
 
+    def run(self, engine: Engine, golden: Golden, source: ImageSource, *, shard: tuple[int, int] = (0, 1),
+            progress: bool = True, after_chunk: Callable[[int], None] | None = None) -> RunStats:
+        """Run this shard's unfinished chunks (round-robin over chunks, so layers of any size balance).
+
+        The chunks already on disk are checked first; ``after_chunk`` gets the size of each chunk run.
+        """
+        self.verify_parts()
+        units = shard_units(self.units(), shard)
+        return run_units(self, units, engine, golden, source, progress=progress, after_chunk=after_chunk)
+
+    def adopt(self, shard: UniformCampaign) -> None:
+        """Copy the chunks another shard's folder finished (and this one lacks), each checked first."""
+        for unit in shard.units():
+            if shard.is_done(unit) and not self.is_done(unit):
+                read_part(shard.part_path(unit), self.key, FAULT_SCHEMA)
+                self.folder.parts.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shard.part_path(unit), self.part_path(unit))
+
+    def assemble(self) -> dict[str, Any]:
+        """Write faults.parquet, layers.csv, layers.md and summary.json from the finished chunks."""
+        missing = self.missing()
+        if missing:
+            raise CampaignError(f"{self.out}: {len(missing)} of {len(self.units())} chunks are not finished yet")
+        import pandas as pd  # only assembly needs it
+
+        faults = pa.concat_tables([self.read_part(unit) for unit in self.units()])
+        rows = layer_rows(self, faults)
+        network = network_level(rows)
+        title = f"ΔLoss per layer — {self.config.model} on {self.config.dataset}"
+        summary = campaign_summary(self.record, network, {p.name: p.n for p in self.plans},
+                                   "normal: mean ± z·s/√n over finite faults; mismatch: Wilson score")
+        write_parquet(self.folder.file("faults.parquet"), faults)
+        write_text(self.folder.file("layers.csv"), pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
+        write_text(self.folder.file("layers.md"), layers_markdown(rows, network, title))
+        write_json(self.folder.file("summary.json"), summary)
+        remove_stale_temporaries(self.folder.parts)
+        return summary
+
+
+def campaign_summary(record: dict[str, Any], network: dict[str, Any], n_per_layer: dict[str, int],
+                     ci: str) -> dict[str, Any]:
+    """The content of summary.json: network figures, provenance, config, golden facts (both samplings)."""
+    extra = {"stratified": record["stratified"]} if "stratified" in record else {}
+    return {
+        "network": network,
+        **record["provenance"],
+        "config": record["config"],
+        **extra,
+        "fault_model": FAULT_MODEL,
+        "n_per_layer": n_per_layer,
+        "golden": record["golden"],
+        "confidence": CONFIDENCE,
+        "ci": ci,
+    }
+
 
 def campaign_key(record: dict[str, Any]) -> str:
     """The key stamped on a campaign's parts: its record without the provenance (which shards may vary)."""
     return record_key({k: v for k, v in record.items() if k != "provenance"})
 
 
-def shard_units(units: Sequence[Unit], shard: tuple[int, int]) -> list[Unit]:
-    """Round-robin share of shard ``i`` of ``k`` (chunks, so layers of any size balance)."""
+def shard_units(units: Sequence[T], shard: tuple[int, int]) -> list[T]:
+    """Round-robin share of shard ``i`` of ``k`` of the units of work (chunks or whole layers)."""
     i, k = shard
     return [unit for j, unit in enumerate(units) if j % k == i]
 
 
-def chunk_table(plan: LayerPlan, unit: Unit, sites: FaultSites, result: InjectionResult, golden: Golden) -> pa.Table:
-    """The fault records of one chunk."""
+def chunk_table(plan: LayerPlan, first: int, sites: FaultSites, result: InjectionResult, golden: Golden) -> pa.Table:
+    """The fault records of one chunk whose first fault has number ``first`` in its layer's fault list."""
     rows = golden.rows(sites.image)
     labels, golden_pred, golden_loss = golden.labels[rows], golden.pred[rows], golden.loss[rows]
     outcome = score_faults(result.faulty_logits, labels, golden_pred, golden_loss)
     n = len(sites)
     columns = {
         "layer": pa.array([plan.name] * n, pa.string()),
-        "fault": np.arange(unit.start, unit.start + n, dtype=np.int64),
+        "fault": np.arange(first, first + n, dtype=np.int64),
         "image": sites.image.numpy(),
         "index": sites.index.numpy(),
         "bit": sites.bit.numpy().astype(np.int16),
@@ -324,14 +425,14 @@ def chunk_table(plan: LayerPlan, unit: Unit, sites: FaultSites, result: Injectio
 
 
 def run_units(
-    cdir: CampaignDir,
+    cdir: UniformCampaign,
     units: Sequence[Unit],
     engine: Engine,
     golden: Golden,
     source: ImageSource,
     *,
     progress: bool = True,
-    after_chunk: Callable[[Unit], None] | None = None,
+    after_chunk: Callable[[int], None] | None = None,
 ) -> RunStats:
     """Run the unfinished ``units`` layer by layer (a progress bar each) and persist every chunk."""
     stats = RunStats()
@@ -356,17 +457,17 @@ def run_units(
             for unit in todo:
                 chunk = sites.slice(unit.start, unit.stop)
                 result = engine.run(plan.info(), chunk, source)
-                write_part(cdir.part_path(unit), chunk_table(plan, unit, chunk, result, golden), cdir.key)
+                write_part(cdir.part_path(unit), chunk_table(plan, unit.start, chunk, result, golden), cdir.key)
                 stats.faults += len(chunk)
                 bar.update(len(chunk))
                 if after_chunk is not None:
-                    after_chunk(unit)
+                    after_chunk(len(chunk))
         stats.per_layer[plan.name] = time.perf_counter() - t_layer
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
-def layer_rows(cdir: CampaignDir, faults: pa.Table) -> list[dict[str, Any]]:
+def layer_rows(cdir: UniformCampaign, faults: pa.Table) -> list[dict[str, Any]]:
     """One summary row per layer (plan order)."""
     layer_col = faults.column("layer").to_numpy(zero_copy_only=False)
     delta, finite, mismatch = (faults.column(c).to_numpy() for c in ("delta_loss", "finite", "mismatch"))
@@ -433,59 +534,9 @@ def layers_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any], tit
     return "\n".join(lines)
 
 
-def read_faults(cdir: CampaignDir) -> pa.Table:
-    """All finished chunks in (layer, chunk) order."""
-    return pa.concat_tables([cdir.read_part(unit) for unit in cdir.units()])
-
-
-def assemble(cdir: CampaignDir) -> dict[str, Any]:
-    """Write faults.parquet, layers.csv, layers.md and summary.json from the finished chunks."""
-    missing = cdir.missing()
-    if missing:
-        raise CampaignError(f"{cdir.out}: {len(missing)} of {len(cdir.units())} chunks are not finished yet")
-    import pandas as pd
-
-    faults = read_faults(cdir)
-    rows = layer_rows(cdir, faults)
-    network = network_level(rows)
-    record = cdir.record
-    summary = {
-        "network": network,
-        **record["provenance"],
-        "config": record["config"],
-        "fault_model": FAULT_MODEL,
-        "n_per_layer": {p.name: p.n for p in cdir.plans},
-        "golden": record["golden"],
-        "confidence": CONFIDENCE,
-        "ci": "normal: mean ± z·s/√n over finite faults; mismatch: Wilson score",
-    }
-    write_parquet(cdir.out / "faults.parquet", faults)
-    write_text(cdir.out / "layers.csv", pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
-    title = f"ΔLoss per layer — {record['config']['model']} on {record['config']['dataset']}"
-    write_text(cdir.out / "layers.md", layers_markdown(rows, network, title))
-    write_json(cdir.out / "summary.json", summary)
-    remove_stale_temporaries(cdir.parts)
-    return summary
-
-
-def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
-    """Gather the chunks of shards run into separate folders into ``out`` and assemble the final files."""
-    cdirs = [CampaignDir.open(Path(s)) for s in sources]
-    target = CampaignDir.create(out, cdirs[0].record)
-    for cdir in cdirs:
-        if cdir.record["config"] != target.record["config"] or cdir.record["plan"] != target.record["plan"]:
-            raise CampaignError(f"{cdir.out} holds a different campaign than {target.out}")
-        for unit in cdir.units():
-            if cdir.is_done(unit) and not target.is_done(unit):
-                read_part(cdir.part_path(unit), target.key, FAULT_SCHEMA)
-                target.parts.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(cdir.part_path(unit), target.part_path(unit))
-    return assemble(target)
-
-
 def append_run_log(out: Path, entry: dict[str, Any]) -> None:
     """Append one line about an invocation (timings) to runs.jsonl; small O_APPEND writes do not interleave."""
-    with open(Path(out) / "runs.jsonl", "a", encoding="utf-8") as f:
+    with open(CampaignFolder(out).file("runs.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
 
 
@@ -531,7 +582,7 @@ def prepare_engine(
 ) -> tuple[list[LayerPlan], dict[str, float] | None, Engine]:
     """Check the inputs of a campaign, plan its layers and build its engine: (plans, clamp, engine).
 
-    Shared by the uniform runner and the stratified one (``resilience.stratified_campaign``).
+    Shared by both samplings (``resilience.runner``).
     """
     fmt: NumberFormat = get_format(config.format)
     golden_set = golden.golden_set(config.golden)
@@ -547,38 +598,3 @@ def prepare_engine(
         model, [p.info() for p in plans], fmt, clamp=clamp, device=device, batch_size=config.batch_size
     )
     return plans, clamp, engine
-
-
-def execute(
-    out: Path,
-    config: CampaignConfig,
-    model: nn.Module,
-    layers: Sequence[LayerInfo],
-    golden: Golden,
-    source: ImageSource,
-    *,
-    provenance: dict[str, Any] | None = None,
-    clamp_max: dict[str, float] | None = None,
-    device: torch.device | str = "cpu",
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    after_chunk: Callable[[Unit], None] | None = None,
-) -> tuple[CampaignDir, RunStats]:
-    """Plan the campaign, run this shard's unfinished chunks; the caller assembles once all are done.
-
-    ``model`` must already be in evaluation mode, in the config's number format and on its device;
-    ``layers`` are all its discovered layers; ``golden`` holds its fault-free outputs; ``clamp_max`` is
-    the layer profile (``clamp=profile`` only).
-    """
-    plans, clamp, engine = prepare_engine(config, model, layers, golden, clamp_max, device)
-    provenance = {**(provenance or {}), "engine": engine.describe()}
-    cdir = CampaignDir.create(out, build_record(config, plans, golden, clamp, provenance))
-    cdir.verify_parts()
-    if config.injections is None:
-        counts = [p.n for p in plans]
-        log(f"Leveugle n per layer (margin {config.margin}, confidence {config.confidence}): "
-            f"{min(counts)}..{max(counts)}, {sum(counts)} in all")
-    units = shard_units(cdir.units(), shard)
-    stats = run_units(cdir, units, engine, golden, source, progress=progress, after_chunk=after_chunk)
-    return cdir, stats

@@ -20,13 +20,14 @@ import models
 from resilience import arithmetic
 from resilience.arithmetic import Arithmetic, ArithmeticOptionError, round_tf32
 from resilience.bitflip import FORMATS
-from resilience.campaign import CampaignConfig, CampaignError, execute, layer_sites, merge, plan_layers
+from resilience.campaign import CampaignConfig, CampaignError, layer_sites, plan_layers
 from resilience.engines import fast as fast_engine
 from resilience.engines.fast import FastEngine
 from resilience.engines.reference import ReferenceEngine
 from resilience.golden import TensorImageSource, golden_pass
 from resilience.layers import discover_layers, select_layers
 from resilience.metrics import score_faults
+from resilience.runner import execute, merge
 from resilience.weights.faults import WeightFault
 from resilience.weights.images import TensorImageSet
 from resilience.weights.runner import OutcomeCounter, compute_golden, run_weight_faults
@@ -217,11 +218,11 @@ def test_arithmetic_is_recorded_and_mismatches_are_refused(tmp_path: Path) -> No
 def test_cli_reports_a_bad_combination_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import inject
 
-    argv = ["--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), "--tf32-layers", "conv"]
+    argv = ["neurons", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), "--tf32-layers", "conv"]
     assert inject.main(argv) == 2
     err = capsys.readouterr().err
     assert err == "error: --tf32-layers and --tf32-impl need --math tf32\n"
-    assert inject.main(["--fault-model", "weight-bitflip", "--fault-list", "x.csv", "--checkpoint", "y.th",
+    assert inject.main(["weights", "--fault-model", "weight-bitflip", "--fault-list", "x.csv", "--checkpoint", "y.th",
                         "--math", "tf32", "--amp", "fp16"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 

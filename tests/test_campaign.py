@@ -16,19 +16,11 @@ from reference_assets import require_fashion_mnist
 from torch import nn
 
 from resilience.bitflip import FORMATS
-from resilience.campaign import (
-    CampaignConfig,
-    CampaignDir,
-    CampaignError,
-    assemble,
-    execute,
-    merge,
-    parse_shard,
-    plan_layers,
-)
+from resilience.campaign import CampaignConfig, CampaignError, UniformCampaign, parse_shard, plan_layers
 from resilience.golden import EvaluatedImages, Golden, TensorImageSource, evaluated_ids, golden_pass
 from resilience.layers import discover_layers
 from resilience.metrics import mean_ci, predictions, summarize, top2diff, wilson_interval
+from resilience.runner import execute, merge
 from resilience.sampling import leveugle_n, sample_sites, stable_seed
 
 FP32 = FORMATS["fp32"]
@@ -110,7 +102,7 @@ def config(**kw: object) -> CampaignConfig:
     return CampaignConfig(**{**base, **kw})
 
 
-def run_all(out: Path, cfg: CampaignConfig, **kw: object) -> CampaignDir:
+def run_all(out: Path, cfg: CampaignConfig, **kw: object) -> UniformCampaign:
     model, x, golden, source = tiny_setup()
     layers = discover_layers(model, x[:1])
     cdir, _ = execute(out, cfg, model, layers, golden, source, progress=False, log=lambda _m: None, **kw)
@@ -144,7 +136,7 @@ def f32_flip(value: float, bit: int) -> float:
 
 def test_campaign_records_and_independent_delta_loss(tmp_path: Path) -> None:
     cdir = run_all(tmp_path / "c", config())
-    assemble(cdir)
+    cdir.assemble()
     faults = pq.read_table(tmp_path / "c" / "faults.parquet").to_pandas()
     assert len(faults) == 4 * 12 and list(faults["layer"].unique()) == ["0", "2", "5", "7"]
     model, x, golden, _ = tiny_setup()
@@ -185,15 +177,15 @@ def test_campaign_records_and_independent_delta_loss(tmp_path: Path) -> None:
 
 def test_interrupted_run_resumes_to_identical_files(tmp_path: Path) -> None:
     full = run_all(tmp_path / "full", config())
-    assemble(full)
+    full.assemble()
 
     class Killed(Exception):
         pass
 
     seen = []
 
-    def kill_after_three(unit: object) -> None:
-        seen.append(unit)
+    def kill_after_three(faults: int) -> None:
+        seen.append(faults)
         if len(seen) == 3:
             raise Killed
 
@@ -202,13 +194,13 @@ def test_interrupted_run_resumes_to_identical_files(tmp_path: Path) -> None:
     assert len(list((tmp_path / "resumed" / "parts").glob("*.parquet"))) == 3
     resumed = run_all(tmp_path / "resumed", config())
     assert not resumed.missing()
-    assemble(resumed)
+    resumed.assemble()
     for name in FINAL:
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
 
 def test_shards_merge_to_identical_files(tmp_path: Path) -> None:
-    assemble(run_all(tmp_path / "full", config()))
+    run_all(tmp_path / "full", config()).assemble()
     run_all(tmp_path / "s0", config(), shard=parse_shard("0/2"))
     s1 = run_all(tmp_path / "s1", config(), shard=(1, 2))
     assert s1.missing()
@@ -243,7 +235,7 @@ def test_clamp_profile_is_recorded(tmp_path: Path) -> None:
     clamp = {layer.name: 1.0 for layer in layers}
     cfg = config(clamp="profile", profile_images=4, layers="^5$")
     cdir, _ = execute(tmp_path / "c", cfg, model, layers, golden, source, clamp_max=clamp, progress=False)
-    assemble(cdir)
+    cdir.assemble()
     faults = pq.read_table(tmp_path / "c" / "faults.parquet").to_pandas()
     assert faults["faulty_value"].abs().max() <= 1.0
     assert "clamp_max_abs" in (tmp_path / "c" / "layers.csv").read_text().splitlines()[0]
@@ -310,5 +302,26 @@ def test_cli_bad_input(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.Cap
 def test_cli_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import inject
 
-    assert inject.main(["--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x")]) == 2
+    assert inject.main(["neurons", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["--checkpoint", "c.pth", "--out", "x"], "neurons"),
+    (["--fault-model", "neuron-bitflip", "--checkpoint", "c.pth", "--out", "x"], "neurons"),
+    (["--fault-model", "weight-stuck1", "--fault-list", "f.csv", "--checkpoint", "c.pth"], "weights"),
+    (["--fault-model=weight-bitflip", "--fault-list", "f.csv", "--checkpoint", "c.pth"], "weights"),
+    (["neurons", "--checkpoint", "c.pth", "--out", "x"], "neurons"),
+    (["weights", "--fault-list", "f.csv", "--checkpoint", "c.pth"], "weights"),
+    (["merge", "a", "b"], "merge"),
+])
+def test_subcommands_and_the_older_spellings(argv: list[str], command: str) -> None:
+    import inject
+
+    args = inject.get_args_parser().parse_args(argv)
+    assert args.command == command
+    if argv[0] in inject.SUBCOMMANDS:
+        assert args.spelling_note is None
+    else:
+        assert args.spelling_note == f"note: this command is now spelled 'inject.py {command} ...' (the spelling used keeps working)"
+        assert args.checkpoint == "c.pth"

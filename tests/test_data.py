@@ -231,3 +231,18 @@ def test_bad_presets_are_rejected() -> None:
                          ({**good, "resize_size": [32]}, "resize_size")):
         with pytest.raises(ValueError, match=message):
             data.build_dataset("cifar10", "test", preset=bad)
+
+
+def test_preset_for_takes_the_checkpoints_preset_only_on_its_dataset() -> None:
+    own = {**data.eval_preset("fashion-mnist", "resnet20", in_chans=1), "crop_size": 30}
+    meta = {"model": "resnet20", "in_chans": 1, "small_input": False, "dataset": "fashion-mnist", "preset": own}
+    assert data.preset_for(meta, "fashion-mnist") == own
+    assert data.preset_for({**meta, "dataset": None}, "fashion-mnist") == own
+    assert data.preset_for(meta, "cifar10") == data.eval_preset("cifar10", "resnet20", in_chans=1)
+    assert data.preset_for({"model": "resnet20", "small_input": True}, "cifar10") == data.eval_preset(
+        "cifar10", "resnet20", small_input=True)
+    changed = data.preset_for(meta, "fashion-mnist", {"crop_size": 28, "resize_size": None, "interpolation": "nearest"})
+    assert changed == {**own, "crop_size": 28, "interpolation": "nearest"}
+    assert meta["preset"] == own  # the checkpoint's preset is not modified
+    with pytest.raises(ValueError, match="only resize_size, crop_size, interpolation can be overridden"):
+        data.preset_for(meta, "fashion-mnist", {"mean": [0.5]})

@@ -293,22 +293,23 @@ def test_stratified_campaign_resumes_and_covers_the_exhaustive_mean(tmp_path, mo
     import pyarrow.parquet as pq
 
     from resilience import stratified_campaign as sc
-    from resilience.campaign import chunk_table, plan_layers
+    from resilience.campaign import CampaignError, chunk_table, plan_layers
     from resilience.engines import get_engine
     from resilience.engines.reference import ReferenceEngine
+    from resilience.runner import StratifiedSampling, execute
 
     model, layers, golden, source, config = tiny_campaign_setup()
     config = replace(config, chunk_size=32)  # the pilot round (32 strata x 4) takes four chunks
     adaptive = st.AdaptiveConfig(target_rel=0.2, pilot=4, max_injections=3_000, min_round=32)
 
     def campaign(out, **kw):
-        return sc.execute_stratified(out, config, model, layers, golden, source, adaptive=adaptive, progress=False,
-                                     **kw)
+        return execute(out, config, model, layers, golden, source, sampling=StratifiedSampling(adaptive),
+                       progress=False, **kw)
 
     whole, stats = campaign(tmp_path / "a")
     results = whole.results
     assert whole.missing() == [] and stats.skipped == 0 and min(r.rounds for r in results.values()) > 1
-    summary = sc.assemble_stratified(tmp_path / "a")
+    summary = whole.assemble()
     assert summary["network"]["faults"] == stats.faults == sum(r.n for r in results.values())
 
     # Kill in the middle of the first round of the second layer, after two of its chunks; then rerun.
@@ -325,9 +326,9 @@ def test_stratified_campaign_resumes_and_covers_the_exhaustive_mean(tmp_path, mo
         campaign(tmp_path / "b")
     assert len(list((tmp_path / "b" / "parts").glob("0001-r0000-c*.parquet"))) == 2, "finished chunks are kept"
     monkeypatch.setattr(ReferenceEngine, "run", run)
-    _, resumed = campaign(tmp_path / "b")
+    opened, resumed = campaign(tmp_path / "b")
     assert resumed.skipped > 0 and resumed.faults + resumed.skipped == stats.faults
-    sc.assemble_stratified(tmp_path / "b")
+    opened.assemble()
     for name in ("faults.parquet", "layers.csv", "strata.csv", "summary.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert not list((tmp_path / "b" / "parts").glob("*-c*.parquet"))
@@ -342,33 +343,32 @@ def test_stratified_campaign_resumes_and_covers_the_exhaustive_mean(tmp_path, mo
         image, index, bit = (t.flatten() for t in torch.meshgrid(
             golden.ids, torch.arange(plan.neurons), torch.arange(BITS), indexing="ij"))
         every = FaultSites(plan.name, image, index, bit)
-        table = chunk_table(plan, sc.Unit(0, 0, 0, len(every)), every, engine.run(plan.info(), every, source), golden)
+        table = chunk_table(plan, 0, every, engine.run(plan.info(), every, source), golden)
         exhaustive = sc.outcomes_of(table)
         assert results[plan.name].loss.covers(float(exhaustive.delta_loss[exhaustive.finite].mean()))
 
-    with pytest.raises(sc.CampaignError, match="different campaign"):
-        sc.execute_stratified(tmp_path / "a", config, model, layers, golden, source,
-                              adaptive=st.AdaptiveConfig(pilot=5), progress=False)
+    with pytest.raises(CampaignError, match="different campaign"):
+        execute(tmp_path / "a", config, model, layers, golden, source,
+                sampling=StratifiedSampling(st.AdaptiveConfig(pilot=5)), progress=False)
 
 
 def test_shards_merge_into_the_same_files(tmp_path) -> None:
-    from resilience import stratified_campaign as sc
+    from resilience.campaign import CampaignError
+    from resilience.runner import StratifiedSampling, execute, merge, open_campaign
 
     model, layers, golden, source, config = tiny_campaign_setup()
-    adaptive = st.AdaptiveConfig(target_rel=0.3, pilot=4, max_injections=2_000)
+    sampling = StratifiedSampling(st.AdaptiveConfig(target_rel=0.3, pilot=4, max_injections=2_000))
 
     def campaign(out, shard=(0, 1)):
-        return sc.execute_stratified(out, config, model, layers, golden, source, adaptive=adaptive, shard=shard,
-                                     progress=False)
+        return execute(out, config, model, layers, golden, source, sampling=sampling, shard=shard, progress=False)
 
-    campaign(tmp_path / "whole")
-    sc.assemble_stratified(tmp_path / "whole")
+    campaign(tmp_path / "whole")[0].assemble()
     for i in range(2):
         opened, _ = campaign(tmp_path / f"shard{i}", (i, 2))
         assert len(opened.missing()) == 1
-    with pytest.raises(sc.CampaignError, match="not finished"):
-        sc.assemble_stratified(tmp_path / "shard0")
-    sc.merge_stratified([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
+    with pytest.raises(CampaignError, match="not finished"):
+        open_campaign(tmp_path / "shard0").assemble()
+    merge([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
     for name in ("faults.parquet", "layers.csv", "strata.csv", "summary.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes(), name
 
@@ -433,6 +433,6 @@ def test_inject_cli_refuses_option_combinations(tmp_path, capsys, extra, message
     import inject
 
     # Checked before the checkpoint is even read.
-    assert inject.main(["--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), *extra]) == 2
+    assert inject.main(["neurons", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -1,11 +1,12 @@
 """Command line for weight faults: run a fault list on a checkpoint, or generate a fault list.
 
-    python inject.py --fault-model weight-bitflip --fault-list ResNet20_FL.csv --checkpoint ResNet20.th \\
+    python inject.py weights --fault-model weight-bitflip --fault-list ResNet20_FL.csv --checkpoint ResNet20.th \\
         --model resnet20 --dataset cifar10 --limit-faults 500 --max-images 1000 --out runs/wf
     python -m resilience.weights run ...            (same options)
     python -m resilience.weights generate --model resnet20 --num-classes 10 --out FL.csv
 
-``inject.py`` hands its argument list to :func:`cli` when :func:`wants_weight_faults` is true.
+``inject.py weights`` takes the options of :func:`add_run_arguments`; :func:`wants_weight_faults` tells
+the older spelling (``inject.py --fault-model weight-...``) apart.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import data
+import models
 from cli_shell import HelpFormatter, UserError, differences, non_negative_int, positive_int, run_cli
 from models.checkpoint import sha256_file
 from models.device import resolve_device
@@ -79,13 +82,20 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also normalisation-layer weight/bias (BatchNorm, LayerNorm, GroupNorm; Layer 'bn1.weight')")
 
 
+RUN_DESCRIPTION = ("Run a dnn-benchmarks weight fault list on a checkpoint: per fault, masked / non-critical / "
+                   "critical images and ΔLoss; writes the filled list, summaries and the critical-rate-by-bit plot.")
+
+
 def get_run_parser(add_help: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
     """Options of a weight-fault run."""
-    parser = argparse.ArgumentParser(
-        prog=prog, add_help=add_help, formatter_class=HelpFormatter,
-        description="Run a dnn-benchmarks weight fault list on a checkpoint: per fault, masked / non-critical / "
-                    "critical images and ΔLoss; writes the filled list, summaries and the critical-rate-by-bit plot.",
-    )
+    parser = argparse.ArgumentParser(prog=prog, add_help=add_help, formatter_class=HelpFormatter,
+                                     description=RUN_DESCRIPTION)
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a weight-fault run (``inject.py weights``, ``python -m resilience.weights run``)."""
     parser.add_argument("--fault-model", choices=FAULT_MODELS, default="weight-bitflip",
                         help="bit-flip or true stuck-at on a weight bit, permanent for the evaluation set; "
                              "weight-bitflip-transient: the flip lasts one inference (one image per fault)")
@@ -116,7 +126,6 @@ def get_run_parser(add_help: bool = True, prog: str | None = None) -> argparse.A
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the transient model's image choice")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     arithmetic.add_arguments(parser)
-    return parser
 
 
 def get_generate_parser(add_help: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
@@ -138,9 +147,6 @@ def get_generate_parser(add_help: bool = True, prog: str | None = None) -> argpa
 
 def load_model(args: argparse.Namespace, dataset: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``--checkpoint`` (eval mode), or a randomly initialised ``--model``."""
-    import data
-    import models
-
     num_classes = args.num_classes or (data.num_classes(dataset) if dataset in data.DATASETS else None)
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
@@ -159,8 +165,6 @@ def load_model(args: argparse.Namespace, dataset: str | None = None) -> tuple[nn
 
 def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: str) -> dict[str, Any]:
     """``--preset-from``'s inputs (images resized to its size), else the checkpoint's or the dataset's preset."""
-    import data
-
     model_name, small, chans = meta.get("model"), bool(meta.get("small_input")), meta.get("in_chans")
     if args.preset_from:
         if args.preset_from not in data.DATASETS:
@@ -170,9 +174,7 @@ def evaluation_preset(args: argparse.Namespace, meta: dict[str, Any], dataset: s
             # another dataset's images: scale them to the size the model saw instead of padding by the crop
             preset["resize_size"] = [preset["crop_size"], preset["crop_size"]]
         return preset
-    if meta.get("preset") and meta.get("dataset") in (None, dataset):
-        return dict(meta["preset"])
-    return dict(data.eval_preset(dataset, model_name, small_input=small, in_chans=chans))
+    return data.preset_for(meta, dataset)
 
 
 def format_bit_rates(rates: dict[int, float]) -> str:
@@ -188,8 +190,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, Any]:
-    import data
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -303,7 +303,7 @@ def generate(args: argparse.Namespace) -> FaultList:
 
 
 def cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Entry point of ``inject.py --fault-model weight-...``: parse ``argv``, run, print errors as one line."""
+    """Entry point of ``python -m resilience.weights run``: parse ``argv``, run, print errors as one line."""
     args = get_run_parser(prog=prog).parse_args(argv)
     return run_cli(lambda: run(args))
 
