@@ -44,13 +44,8 @@ class Moments:
         n = len(x)
         if n == 0:
             return cls(math.nan, math.nan, math.nan)
-        mean = float(x.mean())
-        if n < 2:
-            return cls(mean, math.inf, 0.0)
-        centred = x - mean
-        variance = float(centred @ centred) / (n - 1) / n
-        third = float(np.sum(centred**3)) * n / ((n - 1) * (n - 2)) / n**2 if n > 2 else 0.0
-        return cls(mean, variance, third)
+        variance, third = sample_cumulants(x)
+        return cls(float(x.mean()), variance / n, third / n**2)
 
     @classmethod
     def weighted_sum(cls, weights: Sequence[float] | np.ndarray, parts: Sequence[Moments]) -> Moments:
@@ -84,6 +79,20 @@ class Moments:
             return math.nan, math.nan
         t_low, t_high = studentised_bounds(self.skewness, confidence)
         return self.value - self.se * t_high, self.value - self.se * t_low
+
+
+def sample_cumulants(x: np.ndarray) -> tuple[float, float]:
+    """Unbiased estimates (k₂ = s², k₃) of the variance and third cumulant of the distribution ``x`` was drawn from.
+
+    Fewer than two draws leave the variance unknown (infinite); fewer than three, the third cumulant 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    if n < 2:
+        return math.inf, 0.0
+    centred = x - x.mean()
+    k3 = float(np.sum(centred**3)) * n / ((n - 1) * (n - 2)) if n > 2 else 0.0
+    return float(centred @ centred) / (n - 1), k3
 
 
 def studentised_bounds(skewness: float, confidence: float) -> tuple[float, float]:

@@ -25,7 +25,7 @@ import torch
 
 from resilience.bitflip import NumberFormat
 from resilience.engines.base import FaultSites
-from resilience.intervals import Moments
+from resilience.intervals import Moments, sample_cumulants
 from resilience.metrics import LayerStats, summarize
 from resilience.sampling import sample_sites, z_value
 
@@ -146,51 +146,85 @@ class Estimate:
         return self.low <= truth <= self.high
 
 
+Spread = tuple[np.ndarray, Sequence[np.ndarray], Sequence[np.ndarray]]
+
+
 def stratified_ratio(
     weights: np.ndarray,
     numerators: Sequence[np.ndarray],
     denominators: Sequence[np.ndarray],
     confidence: float = 0.99,
+    spread: Spread | None = None,
 ) -> tuple[Estimate, np.ndarray]:
     """Combined ratio estimator R = Σ W_c ȳ_c / Σ W_c x̄_c over independently sampled cells c.
 
     A cell is a stratum, or a stratum within one round. Returns the estimate, with the delta-method
     variance of the linearised variable d = (y − R x) / X̂ and Hall's skewness-corrected interval of
-    Σ W_c d̄_c (:mod:`resilience.intervals`), and the per-cell standard deviations S_c of d, which is what
-    Neyman allocation needs. A cell with fewer than two draws has unknown variance (infinite); cells of
-    weight 0 are ignored.
+    Σ W_c d̄_c (:mod:`resilience.intervals`), and the standard deviations S of d, which is what Neyman
+    allocation needs. Each cell's variance and third cumulant of d come from its own draws, or, with
+    ``spread`` = (stratum of every cell, numerators and denominators of every draw of each stratum),
+    from all draws of the cell's stratum: the rounds of a stratified run draw a stratum identically, so
+    pooling them (pilot included) estimates its spread from many draws instead of a round's few. The
+    standard deviations are then per stratum. A cell or stratum with fewer than two draws has unknown
+    variance (infinite); cells of weight 0 are ignored.
     """
     used = np.asarray(weights) != 0
     num = np.array([y.mean() if len(y) else math.nan for y in numerators])
     den = np.array([x.mean() if len(x) else math.nan for x in denominators])
     total_den = float(weights[used] @ den[used])
+    groups, group_num, group_den = spread if spread is not None else (
+        np.arange(len(weights)), numerators, denominators)
     if not total_den > 0:
-        return Estimate(math.nan, math.nan, math.nan, math.nan), np.full(len(weights), math.inf)
+        return Estimate(math.nan, math.nan, math.nan, math.nan), np.full(len(group_num), math.inf)
     ratio = float(weights[used] @ num[used]) / total_den
-    residuals = [(y - ratio * x) / total_den for y, x in zip(numerators, denominators, strict=True)]
-    cells = [Moments.of_mean(d) for d in residuals]
-    linear = Moments.weighted_sum(weights, cells)
-    low, high = Moments(ratio, linear.variance, linear.third).interval(confidence)
-    sds = np.array([math.sqrt(m.variance * len(d)) if len(d) > 1 else math.inf for m, d in zip(cells, residuals, strict=True)])
-    return Estimate(ratio, linear.variance, low, high), sds
+    cumulants = np.array([sample_cumulants((y - ratio * x) / total_den) for y, x in zip(group_num, group_den, strict=True)])
+    counts = np.array([len(y) for y in numerators], dtype=np.float64)[used]
+    k2, k3 = cumulants[groups[used]].T
+    w = weights[used]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        variance = float(np.sum(w**2 * k2 / counts))
+        third = float(np.sum(w**3 * k3 / counts**2))
+    low, high = Moments(ratio, variance, third).interval(confidence)
+    return Estimate(ratio, variance, low, high), np.sqrt(cumulants[:, 0])
 
 
 def loss_estimate(
-    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99
+    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99, pooled: Sequence[Outcomes] | None = None
 ) -> tuple[Estimate, np.ndarray]:
-    """Mean ΔLoss over finite outcomes (ratio of Σ W_b mean(ΔL·finite) to Σ W_b mean(finite))."""
-    numerators = [np.where(o.finite, o.delta_loss, 0.0) for o in per_stratum]
-    denominators = [o.finite.astype(np.float64) for o in per_stratum]
-    return stratified_ratio(weights, numerators, denominators, confidence)
+    """Mean ΔLoss over finite outcomes (ratio of Σ W_b mean(ΔL·finite) to Σ W_b mean(finite)).
+
+    ``pooled`` (every draw of each stratum) supplies the cells' spread when ``per_stratum`` lists the
+    cells of several rounds, stratum after stratum in each round (see :func:`stratified_ratio`).
+    """
+    return stratified_ratio(weights, *_loss_variables(per_stratum), confidence, _spread(per_stratum, pooled, _loss_variables))
 
 
 def mismatch_estimate(
-    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99
+    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99, pooled: Sequence[Outcomes] | None = None
 ) -> Estimate:
     """Stratified proportion of faults whose top-1 differs from the golden one (over all injections)."""
-    numerators = [o.mismatch.astype(np.float64) for o in per_stratum]
-    denominators = [np.ones(len(o)) for o in per_stratum]
-    return stratified_ratio(weights, numerators, denominators, confidence)[0]
+    return stratified_ratio(weights, *_mismatch_variables(per_stratum), confidence,
+                            _spread(per_stratum, pooled, _mismatch_variables))[0]
+
+
+def _loss_variables(outcomes: Sequence[Outcomes]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [np.where(o.finite, o.delta_loss, 0.0) for o in outcomes], [o.finite.astype(np.float64) for o in outcomes]
+
+
+def _mismatch_variables(outcomes: Sequence[Outcomes]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [o.mismatch.astype(np.float64) for o in outcomes], [np.ones(len(o)) for o in outcomes]
+
+
+def _spread(
+    cells: Sequence[Outcomes],
+    pooled: Sequence[Outcomes] | None,
+    variables: Callable[[Sequence[Outcomes]], tuple[list[np.ndarray], list[np.ndarray]]],
+) -> Spread | None:
+    if pooled is None:
+        return None
+    if len(cells) % len(pooled):
+        raise ValueError("cells must list every stratum in every round")
+    return (np.tile(np.arange(len(pooled)), len(cells) // len(pooled)), *variables(pooled))
 
 
 def finite_fraction(weights: np.ndarray, per_stratum: Sequence[Outcomes]) -> float:
@@ -428,17 +462,15 @@ def _plan_round(
     mass = 1.0 - sum(lam for lam, _ in rounds)
     accumulated = 0.0
     if rounds:
-        partial, _ = loss_estimate(*_cells(weights, rounds))
+        partial, _ = loss_estimate(*_cells(weights, rounds), pooled=pooled)
         accumulated = partial.variance * (1.0 - mass) ** 2  # the partial ratio divides by the mass used
     h = config.target_half_width(planning)
     allowed = (h / z_value(config.confidence)) ** 2 - accumulated
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_draw = float(np.sum(np.where(shares > 0, weights**2 * sds**2 / shares, 0.0)))
     remaining = config.max_injections - spent
     floor = min(max(config.min_round, math.ceil(config.min_increase * spent), MIN_PER_ROUND * len(weights)), remaining)
     cap = max(floor, int(spent * (config.growth - 1)))
     # When the weighted earlier rounds alone exceed the target variance, no round can meet it: spend the budget.
-    need = mass**2 * per_draw / allowed if h > 0 and allowed > 0 else math.inf
+    need = _draws_needed(weights * sds * mass, shares, allowed, remaining) if h > 0 and allowed > 0 else math.inf
     planned = min(need, remaining)
     if planned <= cap or remaining - cap < floor:  # one round finishes the plan (or leaves too little for another)
         size = min(max(math.ceil(planned), floor), remaining)
@@ -446,6 +478,33 @@ def _plan_round(
     # An intermediate round is weighted as if the plan were PLAN_MARGIN times larger, so that a plan that
     # turns out too optimistic leaves enough weight for the rounds that follow.
     return _Plan(round_counts(shares, cap), mass * cap / min(PLAN_MARGIN * planned, remaining), False, "")
+
+
+def _draws_needed(spread: np.ndarray, shares: np.ndarray, allowed: float, remaining: int) -> float:
+    """Smallest round size whose variance Σ_b spread_b² / n_b at the round's actual counts n_b is at most
+    ``allowed`` (inf when even ``remaining`` draws are not enough).
+
+    The counts include the per-stratum minimum, so a small round is spread more evenly than ``shares``
+    and has a larger variance than Σ spread²/π / n; sizing it from the shares alone would plan too few.
+    """
+    minimum = MIN_PER_ROUND * len(shares)
+    if remaining < minimum:
+        return math.inf
+
+    def fits(size: int) -> bool:
+        return float(np.sum(spread**2 / round_counts(shares, size))) <= allowed
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ideal = float(np.sum(np.where(shares > 0, spread**2 / shares, 0.0))) / allowed
+    low = max(minimum, min(math.ceil(ideal), remaining))
+    if fits(low):
+        return float(low)
+    if not fits(remaining):
+        return math.inf
+    while remaining - low > 1:  # bisection: ``low`` does not fit, ``remaining`` does
+        mid = (low + remaining) // 2
+        low, remaining = (low, mid) if fits(mid) else (mid, remaining)
+    return float(remaining)
 
 
 def run_adaptive(
@@ -491,8 +550,9 @@ def run_adaptive(
         round_weights.append(plan.weight)
         spent += len(labels)
         if on_round is not None:
-            shown = loss_estimate(*_cells(weights, rounds), config.confidence)[0] if rounds else loss_estimate(
-                weights, [Outcomes.concat(p) for p in pooled], config.confidence)[0]
+            all_draws = [Outcomes.concat(p) for p in pooled]
+            shown = loss_estimate(*_cells(weights, rounds), config.confidence, all_draws)[0] if rounds else loss_estimate(
+                weights, all_draws, config.confidence)[0]
             on_round(round_index, spent, shown)
         if plan.last:
             break
@@ -501,12 +561,12 @@ def run_adaptive(
 
     all_draws = [Outcomes.concat(p) for p in pooled]
     cell_weights, cells = _cells(weights, rounds)
-    estimate = loss_estimate(cell_weights, cells, config.confidence)[0]
+    estimate = loss_estimate(cell_weights, cells, config.confidence, all_draws)[0]
     sds = loss_estimate(weights, all_draws, config.confidence)[1]
     return StratifiedResult(
         layer=layer,
         loss=estimate,
-        mismatch=mismatch_estimate(cell_weights, cells, config.confidence),
+        mismatch=mismatch_estimate(cell_weights, cells, config.confidence, all_draws),
         finite_fraction=finite_fraction(cell_weights, cells),
         n=spent,
         non_finite=int(sum((~o.finite).sum() for o in all_draws)),

@@ -99,7 +99,7 @@ def test_stratified_estimate_is_exactly_unbiased_under_adaptive_allocation_and_s
     strata = [st.Stratum("a", (0,)), st.Stratum("b", (1,))]
     weights = np.array([0.3, 0.7])
     truth = 0.3 * 1.0 + 0.7 * 2.5
-    config = st.AdaptiveConfig(target_rel=0.3, max_injections=16, pilot=2, min_round=4, growth=2.5)
+    config = st.AdaptiveConfig(target_rel=0.5, max_injections=16, pilot=2, min_round=4, growth=2.5)
     shapes = set()
 
     def run(choose: Callable[[int], int]) -> tuple[float, float]:
