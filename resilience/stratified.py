@@ -25,7 +25,7 @@ import torch
 
 from resilience.bitflip import NumberFormat
 from resilience.engines.base import FaultSites
-from resilience.intervals import Moments, sample_cumulants
+from resilience.intervals import Spread, ratio_moments
 from resilience.metrics import LayerStats, summarize
 from resilience.sampling import sample_sites, z_value
 
@@ -146,9 +146,6 @@ class Estimate:
         return self.low <= truth <= self.high
 
 
-Spread = tuple[np.ndarray, Sequence[np.ndarray], Sequence[np.ndarray]]
-
-
 def stratified_ratio(
     weights: np.ndarray,
     numerators: Sequence[np.ndarray],
@@ -158,34 +155,14 @@ def stratified_ratio(
 ) -> tuple[Estimate, np.ndarray]:
     """Combined ratio estimator R = Σ W_c ȳ_c / Σ W_c x̄_c over independently sampled cells c.
 
-    A cell is a stratum, or a stratum within one round. Returns the estimate, with the delta-method
-    variance of the linearised variable d = (y − R x) / X̂ and Hall's skewness-corrected interval of
-    Σ W_c d̄_c (:mod:`resilience.intervals`), and the standard deviations S of d, which is what Neyman
-    allocation needs. Each cell's variance and third cumulant of d come from its own draws, or, with
-    ``spread`` = (stratum of every cell, numerators and denominators of every draw of each stratum),
-    from all draws of the cell's stratum: the rounds of a stratified run draw a stratum identically, so
-    pooling them (pilot included) estimates its spread from many draws instead of a round's few. The
-    standard deviations are then per stratum. A cell or stratum with fewer than two draws has unknown
-    variance (infinite); cells of weight 0 are ignored.
+    A cell is a stratum, or a stratum within one round (``spread``: see
+    :func:`resilience.intervals.ratio_moments`). Returns the estimate with its delta-method variance and
+    Hall's skewness-corrected interval, and the standard deviations S of the linearised variable, which
+    is what Neyman allocation needs.
     """
-    used = np.asarray(weights) != 0
-    num = np.array([y.mean() if len(y) else math.nan for y in numerators])
-    den = np.array([x.mean() if len(x) else math.nan for x in denominators])
-    total_den = float(weights[used] @ den[used])
-    groups, group_num, group_den = spread if spread is not None else (
-        np.arange(len(weights)), numerators, denominators)
-    if not total_den > 0:
-        return Estimate(math.nan, math.nan, math.nan, math.nan), np.full(len(group_num), math.inf)
-    ratio = float(weights[used] @ num[used]) / total_den
-    cumulants = np.array([sample_cumulants((y - ratio * x) / total_den) for y, x in zip(group_num, group_den, strict=True)])
-    counts = np.array([len(y) for y in numerators], dtype=np.float64)[used]
-    k2, k3 = cumulants[groups[used]].T
-    w = weights[used]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        variance = float(np.sum(w**2 * k2 / counts))
-        third = float(np.sum(w**3 * k3 / counts**2))
-    low, high = Moments(ratio, variance, third).interval(confidence)
-    return Estimate(ratio, variance, low, high), np.sqrt(cumulants[:, 0])
+    moments, sds = ratio_moments(weights, numerators, denominators, spread)
+    low, high = moments.interval(confidence)
+    return Estimate(moments.value, moments.variance, low, high), sds
 
 
 def loss_estimate(
@@ -266,6 +243,25 @@ def allocation_shares(weights: np.ndarray, sds: np.ndarray, defensive: float) ->
     if neyman.sum() > 0:
         return (1 - defensive) * neyman / neyman.sum() + defensive * weights
     return weights.copy()
+
+
+UNSEEN_TAIL = 3.0  # "rule of three": no hit in n draws bounds a rate at about 3/n (95%)
+
+
+def unseen_tail_bound(pooled: Sequence[Outcomes], mean: float, finite: float) -> np.ndarray:
+    """An upper bound on each stratum's S_b that allows for a rare large value its draws have not shown yet.
+
+    Adjacent bits act alike (a flip of exponent bit b scales a value by 2^(2^(b−23))), so a stratum
+    whose neighbours show large residuals may hold them too, at a rate its n draws bound by 3/n. With
+    M_b = the geometric mean of the two neighbours' largest |d| (small unless both are large), S_b ≤ M_b·√(3/n). Allocating with this
+    bound keeps drawing such a stratum until its tail is seen or ruled out; it changes only where draws
+    go, never the estimate's unbiasedness. The first and last strata have one neighbour and get none.
+    """
+    peaks = np.array([np.max(np.abs(np.where(o.finite, o.delta_loss, 0.0) - mean * o.finite)) / finite
+                      if len(o) else 0.0 for o in pooled])
+    neighbours = np.sqrt(np.concatenate([[0.0], peaks[:-1]]) * np.concatenate([peaks[1:], [0.0]]))
+    counts = np.array([max(len(o), 1) for o in pooled], dtype=np.float64)
+    return neighbours * np.sqrt(UNSEEN_TAIL / counts)
 
 
 def largest_remainder(real: np.ndarray, total: int) -> np.ndarray:
@@ -458,6 +454,8 @@ def _plan_round(
     otherwise the round takes its share of the plan, λ = m·n_r/n.
     """
     planning, sds = loss_estimate(weights, pooled, config.confidence)
+    if not math.isnan(planning.value):
+        sds = np.maximum(sds, unseen_tail_bound(pooled, planning.value, finite_fraction(weights, pooled)))
     shares = weights if math.isnan(planning.value) else allocation_shares(weights, sds, config.defensive)
     mass = 1.0 - sum(lam for lam, _ in rounds)
     accumulated = 0.0
