@@ -20,7 +20,13 @@ from cli_shell import UserError
 from resilience import interval_coverage as ic
 from resilience import stratified as st
 from resilience.engines.base import FaultSites
-from resilience.intervals import Moments, ratio_interval, studentised_bounds, uniform_layer_interval, uniform_layer_moments
+from resilience.intervals import (
+    Moments,
+    ratio_interval,
+    studentised_bounds,
+    uniform_layer_interval,
+    uniform_layer_moments,
+)
 from resilience.sampling import z_value
 
 ROOT = Path(__file__).resolve().parents[1]
