@@ -153,7 +153,8 @@ def test_stratified_runs_are_unbiased_and_cover(population: ic.Population) -> No
     for row in (fixed, adaptive):
         assert within_three_se(row), row
         assert row.coverage >= 0.97, row
-    assert adaptive.rel_half_width < 0.12 and adaptive.mean_n < fixed.mean_n
+    # the adaptive runs stop on their target, far below their cap
+    assert adaptive.rel_half_width < 0.12 and adaptive.mean_n < 0.25 * 20_000
 
 
 def test_uniform_hall_interval_covers_where_the_normal_one_may_not(population: ic.Population) -> None:
@@ -196,8 +197,9 @@ def test_unseen_tail_bound_follows_neighbours_that_show_large_values() -> None:
 
 
 def test_network_level_and_ratio_intervals_cover() -> None:
-    base = [ic.synthetic_population(seed=s, per_bit=2000, name=f"b{s}") for s in (0, 1)]
-    text = [ic.synthetic_population(seed=s, per_bit=2000).scaled(0.25, f"t{s}") for s in (2, 3)]
+    # populations as large as the benchmark's (scripts/bench_coverage.py)
+    base = [ic.synthetic_population(seed=s, per_bit=5000, name=f"b{s}") for s in (0, 1)]
+    text = [ic.synthetic_population(seed=s, per_bit=5000).scaled(0.25, f"t{s}") for s in (2, 3)]
     rows = ic.simulate_network(base, text, 1024, SEEDS)
     assert [r.label.split(" ")[0] for r in rows] == ["network", "network", "improvement"]
     for row in rows:
