@@ -253,9 +253,10 @@ def unseen_tail_bound(pooled: Sequence[Outcomes], mean: float, finite: float) ->
 
     Adjacent bits act alike (a flip of exponent bit b scales a value by 2^(2^(b−23))), so a stratum
     whose neighbours show large residuals may hold them too, at a rate its n draws bound by 3/n. With
-    M_b = the geometric mean of the two neighbours' largest |d| (small unless both are large), S_b ≤ M_b·√(3/n). Allocating with this
-    bound keeps drawing such a stratum until its tail is seen or ruled out; it changes only where draws
-    go, never the estimate's unbiasedness. The first and last strata have one neighbour and get none.
+    M_b = the geometric mean of the two neighbours' largest |d| (small unless both are large),
+    S_b ≤ M_b·√(3/n). Allocating with this bound keeps drawing such a stratum until its tail is seen or
+    ruled out; it changes only where draws go, never the estimate's unbiasedness. The first and last
+    strata have one neighbour and get none.
     """
     peaks = np.array([np.max(np.abs(np.where(o.finite, o.delta_loss, 0.0) - mean * o.finite)) / finite
                       if len(o) else 0.0 for o in pooled])
@@ -447,11 +448,11 @@ def _plan_round(
 ) -> _Plan:
     """The next estimation round from the draws so far (all of them: planning may use anything before).
 
-    With the rounds' weights λ_j fixed, the estimate's variance is Σ λ_j² V_j, where a round of n draws at
-    shares π has V = Σ_b W_b² S_b² / (n π_b). The remaining mass m = 1 − Σ λ_j then needs
-    n = m² Σ_b W_b² S_b² / π_b / (h²/z² − Σ λ_j² V_j) more draws for the target half-width h (all of the
-    budget without a target). One round takes them if the growth bounds allow, and then gets λ = m;
-    otherwise the round takes its share of the plan, λ = m·n_r/n.
+    With the rounds' weights λ_j fixed, the estimate's variance is Σ λ_j² V_j, where a round with counts
+    n_b has V = Σ_b W_b² S̃_b² / n_b (S̃_b: S_b raised by :func:`unseen_tail_bound`). The remaining mass
+    m = 1 − Σ λ_j then needs the smallest round with m² V ≤ h²/z² − Σ λ_j² V_j for the target half-width
+    h (all of the budget without a target). One round takes it if the growth bounds allow, and then gets
+    λ = m; otherwise the round takes its share of the plan, λ = m·n_r/(4n).
     """
     planning, sds = loss_estimate(weights, pooled, config.confidence)
     if not math.isnan(planning.value):
