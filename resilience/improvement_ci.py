@@ -2,8 +2,8 @@
 :mod:`resilience.report`, from the per-fault records of uniform campaigns (``faults.parquet``).
 
 Per-fault ΔLoss is heavy-tailed (a flip of an exponent bit can add 1e30 to one fault's loss), so a normal
-interval ``mean ± z·s/√n`` undercovers. Each layer's mean over its finite faults is taken with its
-variance and third cumulant (:class:`resilience.intervals.Moments`); the network level, the mean over
+interval ``mean ± z·s/√n`` undercovers. Each layer's mean over its finite faults, post-stratified by
+flipped bit, is taken with its variance and third cumulant (:class:`resilience.intervals.Moments`); the network level, the mean over
 layers, and the text head's neuron-weighted last layer are weighted sums of independent layer means, so
 their variances and third cumulants add up. Means get Hall's skewness-corrected interval; the two
 improvement ratios get the corrected Fieller interval of :func:`resilience.intervals.ratio_interval`.
@@ -19,18 +19,37 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from resilience.intervals import Moments, ratio_interval
+from resilience.bitflip import FORMATS, get_format
+from resilience.intervals import Moments, ratio_interval, uniform_layer_moments
+from resilience.storage import read_json
 
 DEFAULT_CONFIDENCE = 0.99
 
 
 def layer_moments(folder: Path) -> dict[str, Moments]:
-    """Per layer (in the order the records were written), the mean ΔLoss over finite faults with its moments."""
-    table = pq.read_table(Path(folder) / "faults.parquet", columns=["layer", "delta_loss", "finite"])
+    """Per layer (in the order the records were written), the mean ΔLoss over finite faults with its moments,
+    post-stratified by flipped bit when the records name the bit (:func:`resilience.intervals.uniform_layer_moments`)."""
+    folder = Path(folder)
+    names = pq.read_schema(folder / "faults.parquet").names
+    columns = ["layer", "delta_loss", "finite"] + (["bit"] if "bit" in names else [])
+    table = pq.read_table(folder / "faults.parquet", columns=columns)
     layers = np.asarray(table.column("layer").to_pylist())
     values = table.column("delta_loss").to_numpy().astype(np.float64)
     finite = table.column("finite").to_numpy()
-    return {name: Moments.of_mean(values[(layers == name) & finite]) for name in dict.fromkeys(layers.tolist())}
+    if "bit" not in names:
+        return {name: Moments.of_mean(values[(layers == name) & finite]) for name in dict.fromkeys(layers.tolist())}
+    bit, bits = table.column("bit").to_numpy(), _format_bits(folder)
+    return {
+        name: uniform_layer_moments(values[chosen], finite[chosen], bit[chosen], bits)
+        for name in dict.fromkeys(layers.tolist())
+        for chosen in [layers == name]
+    }
+
+
+def _format_bits(folder: Path) -> int:
+    """Bits of the number format the campaign ran in (its summary.json; fp32 when there is none)."""
+    summary = folder / "summary.json"
+    return get_format(read_json(summary).get("format", "fp32")).bits if summary.is_file() else FORMATS["fp32"].bits
 
 
 def layer_intervals(folder: Path, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, tuple[float, float]]:

@@ -26,7 +26,7 @@ from cli_shell import UserError
 from resilience import stratified as st
 from resilience.bitflip import FORMATS
 from resilience.engines.base import FaultSites
-from resilience.intervals import Moments, ratio_interval
+from resilience.intervals import Moments, ratio_interval, uniform_layer_moments
 from resilience.metrics import mean_ci
 from resilience.sampling import stable_seed
 
@@ -118,17 +118,18 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
     return np.random.default_rng(stable_seed(seed, stream))
 
 
-def uniform_draw(population: Population, n: int, seed: int) -> np.ndarray:
-    """``n`` uniform faults' ΔLoss (NaN: non-finite), as a uniform campaign of ``n`` injections would see."""
+def uniform_draw(population: Population, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` uniform faults as a uniform campaign of ``n`` injections would see them: (bit, ΔLoss; NaN: non-finite)."""
     rng = _rng(seed, f"{population.name}|uniform")
     bits = rng.integers(0, len(population.per_bit), n)
     index = (rng.random(n) * population.sizes[bits]).astype(np.int64)
-    return population.values(bits, index)
+    return bits, population.values(bits, index)
 
 
-def uniform_moments(values: np.ndarray) -> Moments:
-    """The uniform campaign's mean over finite faults with its variance and third cumulant."""
-    return Moments.of_mean(values[np.isfinite(values)])
+def uniform_moments(bits: np.ndarray, values: np.ndarray) -> Moments:
+    """The uniform campaign's mean over finite faults, post-stratified by bit, with its variance and third
+    cumulant (what :func:`resilience.intervals.uniform_layer_interval` reports)."""
+    return uniform_layer_moments(values, np.isfinite(values), bits, FP32.bits)
 
 
 def stratified_run(population: Population, seed: int, config: st.AdaptiveConfig) -> st.StratifiedResult:
@@ -183,15 +184,19 @@ def coverage(label: str, truth: float, values: Sequence[float], intervals: Seque
 
 
 def simulate_uniform(population: Population, n: int, seeds: Sequence[int], confidence: float = 0.99) -> list[Coverage]:
-    """The uniform campaign of ``n`` injections: its normal interval (as in layers.csv) and Hall's."""
-    finite = [v[np.isfinite(v)] for v in (uniform_draw(population, n, seed) for seed in seeds)]
-    runs = [Moments.of_mean(v) for v in finite]
-    normal = [mean_ci(v, confidence)[2:] for v in finite]
-    values = [m.value for m in runs]
+    """The uniform campaign of ``n`` injections: the plain mean with its normal interval (as in layers.csv) and
+    Hall's, and the bit-post-stratified mean with Hall's interval (:func:`uniform_layer_interval`)."""
+    draws = [uniform_draw(population, n, seed) for seed in seeds]
+    finite = [v[np.isfinite(v)] for _, v in draws]
+    plain = [Moments.of_mean(v) for v in finite]
+    post = [uniform_moments(bits, v) for bits, v in draws]
+    values = [m.value for m in plain]
+    label, truth, spent = f"{population.name} uniform n={n}", population.truth, [n] * len(draws)
     return [
-        coverage(f"{population.name} uniform n={n}, normal", population.truth, values, normal, [n] * len(runs)),
-        coverage(f"{population.name} uniform n={n}, Hall", population.truth, values,
-                 [m.interval(confidence) for m in runs], [n] * len(runs)),
+        coverage(f"{label}, normal", truth, values, [mean_ci(v, confidence)[2:] for v in finite], spent),
+        coverage(f"{label}, Hall", truth, values, [m.interval(confidence) for m in plain], spent),
+        coverage(f"{label}, post-stratified Hall", truth, [m.value for m in post],
+                 [m.interval(confidence) for m in post], spent),
     ]
 
 
@@ -205,20 +210,21 @@ def simulate_stratified(population: Population, config: st.AdaptiveConfig, seeds
 def simulate_network(base: Sequence[Population], text: Sequence[Population], n: int, seeds: Sequence[int],
                      confidence: float = 0.99) -> list[Coverage]:
     """Uniform campaigns of ``n`` injections per layer on two models: the network level (mean over layers)
-    of each and the improvement ratio (baseline / text), with the skewness-corrected intervals."""
+    of each and the improvement ratio (baseline / text), from the post-stratified layer means with the
+    skewness-corrected intervals (as ``report.py compare`` computes them)."""
     truth = {"base": np.mean([p.truth for p in base]), "text": np.mean([p.truth for p in text])}
     nets: dict[str, list[Moments]] = {"base": [], "text": []}
     for seed in seeds:
         for key, layers in (("base", base), ("text", text)):
-            parts = [uniform_moments(uniform_draw(p, n, seed)) for p in layers]
+            parts = [uniform_moments(*uniform_draw(p, n, seed)) for p in layers]
             nets[key].append(Moments.weighted_sum(np.full(len(parts), 1 / len(parts)), parts))
     rows = [
-        coverage(f"network level ({key}, {len(layers)} layers) uniform n={n}, Hall", truth[key],
+        coverage(f"network level ({key}, {len(layers)} layers) uniform n={n}, post-stratified Hall", truth[key],
                  [m.value for m in nets[key]], [m.interval(confidence) for m in nets[key]], [n * len(layers)] * len(seeds))
         for key, layers in (("base", base), ("text", text))
     ]
     ratios = [a.value / b.value for a, b in zip(nets["base"], nets["text"], strict=True)]
-    rows.append(coverage(f"improvement ratio uniform n={n}, Fieller-Hall", truth["base"] / truth["text"], ratios,
+    rows.append(coverage(f"improvement ratio uniform n={n}, post-stratified Fieller-Hall", truth["base"] / truth["text"], ratios,
                          [ratio_interval(a, b, confidence) for a, b in zip(nets["base"], nets["text"], strict=True)],
                          [n * (len(base) + len(text))] * len(seeds)))
     return rows

@@ -44,13 +44,8 @@ class Moments:
         n = len(x)
         if n == 0:
             return cls(math.nan, math.nan, math.nan)
-        mean = float(x.mean())
-        if n < 2:
-            return cls(mean, math.inf, 0.0)
-        centred = x - mean
-        variance = float(centred @ centred) / (n - 1) / n
-        third = float(np.sum(centred**3)) * n / ((n - 1) * (n - 2)) / n**2 if n > 2 else 0.0
-        return cls(mean, variance, third)
+        variance, third = sample_cumulants(x)
+        return cls(float(x.mean()), variance / n, third / n**2)
 
     @classmethod
     def weighted_sum(cls, weights: Sequence[float] | np.ndarray, parts: Sequence[Moments]) -> Moments:
@@ -84,6 +79,83 @@ class Moments:
             return math.nan, math.nan
         t_low, t_high = studentised_bounds(self.skewness, confidence)
         return self.value - self.se * t_high, self.value - self.se * t_low
+
+
+def sample_cumulants(x: np.ndarray) -> tuple[float, float]:
+    """Unbiased estimates (k₂ = s², k₃) of the variance and third cumulant of the distribution ``x`` was drawn from.
+
+    Fewer than two draws leave the variance unknown (infinite); fewer than three, the third cumulant 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    if n < 2:
+        return math.inf, 0.0
+    centred = x - x.mean()
+    k3 = float(np.sum(centred**3)) * n / ((n - 1) * (n - 2)) if n > 2 else 0.0
+    return float(centred @ centred) / (n - 1), k3
+
+
+Spread = tuple[np.ndarray, Sequence[np.ndarray], Sequence[np.ndarray]]
+
+
+def ratio_moments(
+    weights: np.ndarray,
+    numerators: Sequence[np.ndarray],
+    denominators: Sequence[np.ndarray],
+    spread: Spread | None = None,
+) -> tuple[Moments, np.ndarray]:
+    """Combined ratio estimator R = Σ W_c ȳ_c / Σ W_c x̄_c over independently sampled cells c, with the
+    variance and third cumulant of its linearisation Σ W_c d̄_c, d = (y − R x) / X̂.
+
+    Each cell's variance and third cumulant of d come from its own draws, or, with ``spread`` = (stratum
+    of every cell, numerators and denominators of every draw of each stratum), from all draws of the
+    cell's stratum: the rounds of a stratified run draw a stratum identically, so pooling them estimates
+    its spread from many draws instead of a round's few. Also returns the standard deviations of d per
+    cell (per stratum with ``spread``). Fewer than two draws leave a variance unknown (infinite); cells
+    of weight 0 are ignored.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    used = weights != 0
+    num = np.array([y.mean() if len(y) else math.nan for y in numerators])
+    den = np.array([x.mean() if len(x) else math.nan for x in denominators])
+    total_den = float(weights[used] @ den[used])
+    groups, group_num, group_den = spread if spread is not None else (
+        np.arange(len(weights)), numerators, denominators)
+    if not total_den > 0:
+        return Moments(math.nan, math.nan, math.nan), np.full(len(group_num), math.inf)
+    ratio = float(weights[used] @ num[used]) / total_den
+    cumulants = np.array([sample_cumulants((y - ratio * x) / total_den) for y, x in zip(group_num, group_den, strict=True)])
+    counts = np.array([len(y) for y in numerators], dtype=np.float64)[used]
+    k2, k3 = cumulants[np.asarray(groups)[used]].T
+    w = weights[used]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moments = Moments(ratio, float(np.sum(w**2 * k2 / counts)), float(np.sum(w**3 * k3 / counts**2)))
+    return moments, np.sqrt(cumulants[:, 0])
+
+
+def uniform_layer_moments(delta_loss: np.ndarray, finite: np.ndarray, bit: np.ndarray, bits: int) -> Moments:
+    """The mean ΔLoss over the finite faults of a uniform campaign's layer, post-stratified by flipped bit.
+
+    A uniform draw flips each of the ``bits`` bits with probability 1/bits, so Σ_b ȳ_b / Σ_b p̂_b over the
+    bits (ȳ_b: mean of ΔLoss·finite, p̂_b: finite share, among the draws of bit b) estimates the same mean
+    as the plain mean over finite faults. Its variance leaves out the chance variation of how many draws
+    each bit got, which on heavy-tailed ΔLoss is a large part of the plain mean's; its skewness comes
+    from the bits that carry the mean. Falls back to the plain mean when some bit has fewer than 2 draws.
+    """
+    delta_loss, finite, bit = np.asarray(delta_loss, dtype=np.float64), np.asarray(finite, dtype=bool), np.asarray(bit)
+    groups = [bit == b for b in range(bits)]
+    if min(int(g.sum()) for g in groups) < 2:
+        return Moments.of_mean(delta_loss[finite])
+    z = np.where(finite, delta_loss, 0.0)
+    return ratio_moments(np.full(bits, 1 / bits), [z[g] for g in groups], [finite[g].astype(np.float64) for g in groups])[0]
+
+
+def uniform_layer_interval(
+    delta_loss: np.ndarray, finite: np.ndarray, bit: np.ndarray, bits: int, confidence: float = 0.99
+) -> tuple[float, float]:
+    """The interval a uniform campaign's per-layer table should report for the layer's mean ΔLoss:
+    Hall's skewness-corrected interval of the bit-post-stratified mean (:func:`uniform_layer_moments`)."""
+    return uniform_layer_moments(delta_loss, finite, bit, bits).interval(confidence)
 
 
 def studentised_bounds(skewness: float, confidence: float) -> tuple[float, float]:

@@ -321,7 +321,7 @@ def compare(base_dir: Path, text_dir: Path, out: Path, fused_dir: Path | None = 
     base, text, fused = results
     assert base is not None and text is not None
     row = table1_row(base, text, fused)
-    if layers is not None:  # the bootstrap resamples every layer's faults: no interval for a subset
+    if layers is not None:  # the overall interval is built from every layer's faults: none for a subset
         row["overall_improvement_ci_low"] = row["overall_improvement_ci_high"] = math.nan
     out = Path(out)
     buf = io.StringIO()

@@ -25,7 +25,7 @@ import torch
 
 from resilience.bitflip import NumberFormat
 from resilience.engines.base import FaultSites
-from resilience.intervals import Moments
+from resilience.intervals import Spread, ratio_moments
 from resilience.metrics import LayerStats, summarize
 from resilience.sampling import sample_sites, z_value
 
@@ -151,46 +151,57 @@ def stratified_ratio(
     numerators: Sequence[np.ndarray],
     denominators: Sequence[np.ndarray],
     confidence: float = 0.99,
+    spread: Spread | None = None,
 ) -> tuple[Estimate, np.ndarray]:
     """Combined ratio estimator R = Σ W_c ȳ_c / Σ W_c x̄_c over independently sampled cells c.
 
-    A cell is a stratum, or a stratum within one round. Returns the estimate, with the delta-method
-    variance of the linearised variable d = (y − R x) / X̂ and Hall's skewness-corrected interval of
-    Σ W_c d̄_c (:mod:`resilience.intervals`), and the per-cell standard deviations S_c of d, which is what
-    Neyman allocation needs. A cell with fewer than two draws has unknown variance (infinite); cells of
-    weight 0 are ignored.
+    A cell is a stratum, or a stratum within one round (``spread``: see
+    :func:`resilience.intervals.ratio_moments`). Returns the estimate with its delta-method variance and
+    Hall's skewness-corrected interval, and the standard deviations S of the linearised variable, which
+    is what Neyman allocation needs.
     """
-    used = np.asarray(weights) != 0
-    num = np.array([y.mean() if len(y) else math.nan for y in numerators])
-    den = np.array([x.mean() if len(x) else math.nan for x in denominators])
-    total_den = float(weights[used] @ den[used])
-    if not total_den > 0:
-        return Estimate(math.nan, math.nan, math.nan, math.nan), np.full(len(weights), math.inf)
-    ratio = float(weights[used] @ num[used]) / total_den
-    residuals = [(y - ratio * x) / total_den for y, x in zip(numerators, denominators, strict=True)]
-    cells = [Moments.of_mean(d) for d in residuals]
-    linear = Moments.weighted_sum(weights, cells)
-    low, high = Moments(ratio, linear.variance, linear.third).interval(confidence)
-    sds = np.array([math.sqrt(m.variance * len(d)) if len(d) > 1 else math.inf for m, d in zip(cells, residuals, strict=True)])
-    return Estimate(ratio, linear.variance, low, high), sds
+    moments, sds = ratio_moments(weights, numerators, denominators, spread)
+    low, high = moments.interval(confidence)
+    return Estimate(moments.value, moments.variance, low, high), sds
 
 
 def loss_estimate(
-    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99
+    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99, pooled: Sequence[Outcomes] | None = None
 ) -> tuple[Estimate, np.ndarray]:
-    """Mean ΔLoss over finite outcomes (ratio of Σ W_b mean(ΔL·finite) to Σ W_b mean(finite))."""
-    numerators = [np.where(o.finite, o.delta_loss, 0.0) for o in per_stratum]
-    denominators = [o.finite.astype(np.float64) for o in per_stratum]
-    return stratified_ratio(weights, numerators, denominators, confidence)
+    """Mean ΔLoss over finite outcomes (ratio of Σ W_b mean(ΔL·finite) to Σ W_b mean(finite)).
+
+    ``pooled`` (every draw of each stratum) supplies the cells' spread when ``per_stratum`` lists the
+    cells of several rounds, stratum after stratum in each round (see :func:`stratified_ratio`).
+    """
+    return stratified_ratio(weights, *_loss_variables(per_stratum), confidence, _spread(per_stratum, pooled, _loss_variables))
 
 
 def mismatch_estimate(
-    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99
+    weights: np.ndarray, per_stratum: Sequence[Outcomes], confidence: float = 0.99, pooled: Sequence[Outcomes] | None = None
 ) -> Estimate:
     """Stratified proportion of faults whose top-1 differs from the golden one (over all injections)."""
-    numerators = [o.mismatch.astype(np.float64) for o in per_stratum]
-    denominators = [np.ones(len(o)) for o in per_stratum]
-    return stratified_ratio(weights, numerators, denominators, confidence)[0]
+    return stratified_ratio(weights, *_mismatch_variables(per_stratum), confidence,
+                            _spread(per_stratum, pooled, _mismatch_variables))[0]
+
+
+def _loss_variables(outcomes: Sequence[Outcomes]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [np.where(o.finite, o.delta_loss, 0.0) for o in outcomes], [o.finite.astype(np.float64) for o in outcomes]
+
+
+def _mismatch_variables(outcomes: Sequence[Outcomes]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [o.mismatch.astype(np.float64) for o in outcomes], [np.ones(len(o)) for o in outcomes]
+
+
+def _spread(
+    cells: Sequence[Outcomes],
+    pooled: Sequence[Outcomes] | None,
+    variables: Callable[[Sequence[Outcomes]], tuple[list[np.ndarray], list[np.ndarray]]],
+) -> Spread | None:
+    if pooled is None:
+        return None
+    if len(cells) % len(pooled):
+        raise ValueError("cells must list every stratum in every round")
+    return (np.tile(np.arange(len(pooled)), len(cells) // len(pooled)), *variables(pooled))
 
 
 def finite_fraction(weights: np.ndarray, per_stratum: Sequence[Outcomes]) -> float:
@@ -232,6 +243,26 @@ def allocation_shares(weights: np.ndarray, sds: np.ndarray, defensive: float) ->
     if neyman.sum() > 0:
         return (1 - defensive) * neyman / neyman.sum() + defensive * weights
     return weights.copy()
+
+
+UNSEEN_TAIL = 3.0  # "rule of three": no hit in n draws bounds a rate at about 3/n (95%)
+
+
+def unseen_tail_bound(pooled: Sequence[Outcomes], mean: float, finite: float) -> np.ndarray:
+    """An upper bound on each stratum's S_b that allows for a rare large value its draws have not shown yet.
+
+    Adjacent bits act alike (a flip of exponent bit b scales a value by 2^(2^(b−23))), so a stratum
+    whose neighbours show large residuals may hold them too, at a rate its n draws bound by 3/n. With
+    M_b = the geometric mean of the two neighbours' largest |d| (small unless both are large),
+    S_b ≤ M_b·√(3/n). Allocating with this bound keeps drawing such a stratum until its tail is seen or
+    ruled out; it changes only where draws go, never the estimate's unbiasedness. The first and last
+    strata have one neighbour and get none.
+    """
+    peaks = np.array([np.max(np.abs(np.where(o.finite, o.delta_loss, 0.0) - mean * o.finite)) / finite
+                      if len(o) else 0.0 for o in pooled])
+    neighbours = np.sqrt(np.concatenate([[0.0], peaks[:-1]]) * np.concatenate([peaks[1:], [0.0]]))
+    counts = np.array([max(len(o), 1) for o in pooled], dtype=np.float64)
+    return neighbours * np.sqrt(UNSEEN_TAIL / counts)
 
 
 def largest_remainder(real: np.ndarray, total: int) -> np.ndarray:
@@ -417,28 +448,28 @@ def _plan_round(
 ) -> _Plan:
     """The next estimation round from the draws so far (all of them: planning may use anything before).
 
-    With the rounds' weights λ_j fixed, the estimate's variance is Σ λ_j² V_j, where a round of n draws at
-    shares π has V = Σ_b W_b² S_b² / (n π_b). The remaining mass m = 1 − Σ λ_j then needs
-    n = m² Σ_b W_b² S_b² / π_b / (h²/z² − Σ λ_j² V_j) more draws for the target half-width h (all of the
-    budget without a target). One round takes them if the growth bounds allow, and then gets λ = m;
-    otherwise the round takes its share of the plan, λ = m·n_r/n.
+    With the rounds' weights λ_j fixed, the estimate's variance is Σ λ_j² V_j, where a round with counts
+    n_b has V = Σ_b W_b² S̃_b² / n_b (S̃_b: S_b raised by :func:`unseen_tail_bound`). The remaining mass
+    m = 1 − Σ λ_j then needs the smallest round with m² V ≤ h²/z² − Σ λ_j² V_j for the target half-width
+    h (all of the budget without a target). One round takes it if the growth bounds allow, and then gets
+    λ = m; otherwise the round takes its share of the plan, λ = m·n_r/(4n).
     """
     planning, sds = loss_estimate(weights, pooled, config.confidence)
+    if not math.isnan(planning.value):
+        sds = np.maximum(sds, unseen_tail_bound(pooled, planning.value, finite_fraction(weights, pooled)))
     shares = weights if math.isnan(planning.value) else allocation_shares(weights, sds, config.defensive)
     mass = 1.0 - sum(lam for lam, _ in rounds)
     accumulated = 0.0
     if rounds:
-        partial, _ = loss_estimate(*_cells(weights, rounds))
+        partial, _ = loss_estimate(*_cells(weights, rounds), pooled=pooled)
         accumulated = partial.variance * (1.0 - mass) ** 2  # the partial ratio divides by the mass used
     h = config.target_half_width(planning)
     allowed = (h / z_value(config.confidence)) ** 2 - accumulated
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_draw = float(np.sum(np.where(shares > 0, weights**2 * sds**2 / shares, 0.0)))
     remaining = config.max_injections - spent
     floor = min(max(config.min_round, math.ceil(config.min_increase * spent), MIN_PER_ROUND * len(weights)), remaining)
     cap = max(floor, int(spent * (config.growth - 1)))
     # When the weighted earlier rounds alone exceed the target variance, no round can meet it: spend the budget.
-    need = mass**2 * per_draw / allowed if h > 0 and allowed > 0 else math.inf
+    need = _draws_needed(weights * sds * mass, shares, allowed, remaining) if h > 0 and allowed > 0 else math.inf
     planned = min(need, remaining)
     if planned <= cap or remaining - cap < floor:  # one round finishes the plan (or leaves too little for another)
         size = min(max(math.ceil(planned), floor), remaining)
@@ -446,6 +477,33 @@ def _plan_round(
     # An intermediate round is weighted as if the plan were PLAN_MARGIN times larger, so that a plan that
     # turns out too optimistic leaves enough weight for the rounds that follow.
     return _Plan(round_counts(shares, cap), mass * cap / min(PLAN_MARGIN * planned, remaining), False, "")
+
+
+def _draws_needed(spread: np.ndarray, shares: np.ndarray, allowed: float, remaining: int) -> float:
+    """Smallest round size whose variance Σ_b spread_b² / n_b at the round's actual counts n_b is at most
+    ``allowed`` (inf when even ``remaining`` draws are not enough).
+
+    The counts include the per-stratum minimum, so a small round is spread more evenly than ``shares``
+    and has a larger variance than Σ spread²/π / n; sizing it from the shares alone would plan too few.
+    """
+    minimum = MIN_PER_ROUND * len(shares)
+    if remaining < minimum:
+        return math.inf
+
+    def fits(size: int) -> bool:
+        return float(np.sum(spread**2 / round_counts(shares, size))) <= allowed
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ideal = float(np.sum(np.where(shares > 0, spread**2 / shares, 0.0))) / allowed
+    low = max(minimum, min(math.ceil(ideal), remaining))
+    if fits(low):
+        return float(low)
+    if not fits(remaining):
+        return math.inf
+    while remaining - low > 1:  # bisection: ``low`` does not fit, ``remaining`` does
+        mid = (low + remaining) // 2
+        low, remaining = (low, mid) if fits(mid) else (mid, remaining)
+    return float(remaining)
 
 
 def run_adaptive(
@@ -491,8 +549,9 @@ def run_adaptive(
         round_weights.append(plan.weight)
         spent += len(labels)
         if on_round is not None:
-            shown = loss_estimate(*_cells(weights, rounds), config.confidence)[0] if rounds else loss_estimate(
-                weights, [Outcomes.concat(p) for p in pooled], config.confidence)[0]
+            all_draws = [Outcomes.concat(p) for p in pooled]
+            shown = loss_estimate(*_cells(weights, rounds), config.confidence, all_draws)[0] if rounds else loss_estimate(
+                weights, all_draws, config.confidence)[0]
             on_round(round_index, spent, shown)
         if plan.last:
             break
@@ -501,12 +560,12 @@ def run_adaptive(
 
     all_draws = [Outcomes.concat(p) for p in pooled]
     cell_weights, cells = _cells(weights, rounds)
-    estimate = loss_estimate(cell_weights, cells, config.confidence)[0]
+    estimate = loss_estimate(cell_weights, cells, config.confidence, all_draws)[0]
     sds = loss_estimate(weights, all_draws, config.confidence)[1]
     return StratifiedResult(
         layer=layer,
         loss=estimate,
-        mismatch=mismatch_estimate(cell_weights, cells, config.confidence),
+        mismatch=mismatch_estimate(cell_weights, cells, config.confidence, all_draws),
         finite_fraction=finite_fraction(cell_weights, cells),
         n=spent,
         non_finite=int(sum((~o.finite).sum() for o in all_draws)),
