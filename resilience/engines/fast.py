@@ -63,8 +63,9 @@ WINDOW_LIMIT = 0.5  # a window covering more of its map than this is pasted and 
 # Pools and subsampling keep their windows: pasting costs a copy of the whole map, they save little
 MIN_WINDOW_SAVING = 1 << 22
 # A golden pass of an image costs about this many forward passes: it also writes every value the plans
-# read into the store (measured on resnet20, 28x28: 1.3-1.5)
-GOLDEN_PASS_COST = 1.5
+# read into the store, first touches of the store's pages included (measured on resnet20, 28x28: 1.3 on
+# warm pages, 3.3 while the store fills on a loaded machine; the higher bound keeps full forwards safe)
+GOLDEN_PASS_COST = 3.0
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -172,7 +173,7 @@ class GoldenStore:
                 self.shared = dict(zip(self.shared_nodes, values[len(self.nodes) :], strict=True))
             slots = torch.tensor(self._free_slots(len(batch), wanted, values), device=device)
             for node, value in zip(self.nodes, values, strict=False):
-                self.slabs[node][slots] = value
+                self.slabs[node].index_copy_(0, slots, value)
             self.slot_of.update(zip(batch, slots.tolist(), strict=True))
         return torch.tensor([self.slot_of[i] for i in ids], device=device)
 
