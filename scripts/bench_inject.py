@@ -9,7 +9,10 @@ by layer, reference first, so that both see the same machine conditions. Prints 
 the faults/s of each engine, the speed ratio and the agreement (resilience.metrics.agreement): per
 fault, the same finiteness of the faulty loss, ΔLoss within 1e-4·max(1, ΔLoss_ref) plus 128 float32 ulps
 of the largest |logit| for finite ones, and the same mismatch decision unless the top two logits tie to
-64 ulps. Exits 1 when fewer than 99.9% of the faults agree. Without --checkpoint the model has random
+64 ulps. Exits 1 when fewer than 99.9% of the faults agree. The speed of the fast engine depends on the
+workload: the golden images the faults hit and the faults per image hit are printed with the times
+(``full%``: the share of a layer's faults the fast engine ran as full forwards, where golden passes
+would not pay). Without --checkpoint the model has random
 weights (said in the output); without --dataset the inputs are random images and their labels the
 model's own predictions. The fast engine's one-time setup (tracing, planning, self-checks) and golden
 passes count in its time.
@@ -75,6 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("execution")
     g.add_argument("-b", "--batch-size", type=int, default=64, help="faults per pass (both engines)")
     g.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_BYTES >> 20, help="fast engine's golden cache")
+    g.add_argument("--no-cost-model", action="store_true",
+                   help="the fast engine runs every planned batch on its plan, even where full forwards cost less")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     g.add_argument("--device", default="cpu")
     g.add_argument("--flop-faults", type=int, default=64, metavar="K",
@@ -173,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     options = {"clamp": clamp, "device": device, "batch_size": args.batch_size}
     reference = ReferenceEngine(model, layers, fmt, **options)
     t0 = time.perf_counter()
-    fast = FastEngine(model, layers, fmt, cache_bytes=args.cache_mb << 20, **options)
+    fast = FastEngine(model, layers, fmt, cache_bytes=args.cache_mb << 20, cost_model=not args.no_cost_model, **options)
     setup = time.perf_counter() - t0
     totals = {"reference": 0.0, "fast": setup, "reference_flops": 0.0, "fast_flops": 0.0}
-    agree_all, rows = [], []
-    header = f"{'layer':28} {'path':11} {'drop%':>6} {'ref f/s':>9} {'fast f/s':>9} {'ratio':>7} {'work':>7} {'agree%':>7}"
+    agree_all, rows, hit = [], [], set()
+    header = (f"{'layer':28} {'path':11} {'full%':>6} {'drop%':>6} {'ref f/s':>9} {'fast f/s':>9} {'ratio':>7} "
+              f"{'work':>7} {'agree%':>7}")
     print(header + "\n" + "-" * len(header), flush=True)
     for layer in layers:
         sites = sample_sites(args.seed, layer.name, layer.neurons, golden_set, args.injections, fmt.bits)
@@ -193,29 +199,33 @@ def main(argv: list[str] | None = None) -> int:
                   for res in (ref_result, fast_result)]
         agree = agreement(*scored)
         agree_all.append(agree)
+        hit.update(sites.image.tolist())
         n = len(sites)
-        dropped = fast.counts[layer.name]["dropped"]
+        dropped, full = fast.counts[layer.name]["dropped"], fast.counts[layer.name]["full_forward"]
         work = math.nan
         if args.flop_faults:
             ref_flops, fast_flops = (flops_per_fault(e, layer, sites, source, args.flop_faults) for e in (reference, fast))
             totals["reference_flops"] += ref_flops * n
             totals["fast_flops"] += fast_flops * n
             work = ref_flops / fast_flops if fast_flops else math.inf
-        row = {"layer": layer.name, "path": fast.path(layer.name), "faults": n, "dropped": dropped,
+        row = {"layer": layer.name, "path": fast.path(layer.name), "faults": n, "full_forward": full, "dropped": dropped,
                "window_ops": fast.counts[layer.name]["window_ops"], "reference_s": t_ref, "fast_s": t_fast,
                "work_ratio": work, "agree": int(agree.sum())}
         rows.append(row)
-        print(f"{layer.name:28} {row['path']:11} {100 * dropped / n:6.1f} {n / t_ref:9.1f} {n / t_fast:9.1f} "
+        print(f"{layer.name:28} {row['path']:11} {100 * full / n:6.1f} {100 * dropped / n:6.1f} {n / t_ref:9.1f} {n / t_fast:9.1f} "
               f"{t_ref / t_fast:7.1f} {work:7.3g} {100 * float(agree.double().mean()):7.2f}", flush=True)
 
     agree = torch.cat(agree_all)
     faults = len(agree)
     rate = float(agree.double().mean())
     ref_rate, fast_rate = faults / totals["reference"], faults / totals["fast"]
+    full = sum(c["full_forward"] for c in fast.counts.values())
     print("-" * len(header))
-    print(f"total: {faults} faults; reference {totals['reference']:.1f} s = {ref_rate:.2f} faults/s; fast "
-          f"{totals['fast']:.1f} s (construction {setup:.1f} s, golden passes over {fast.golden_images} images) = "
-          f"{fast_rate:.2f} faults/s; ratio {fast_rate / ref_rate:.2f}x")
+    print(f"workload: {len(ids)} images, golden set {len(golden_set)}, {len(hit)} golden images hit by "
+          f"{faults} faults = {faults / len(hit):.2f} faults per image hit")
+    print(f"total: reference {totals['reference']:.1f} s = {ref_rate:.2f} faults/s; fast {totals['fast']:.1f} s "
+          f"(construction {setup:.1f} s, golden passes over {fast.golden_images} images, {full} faults as full "
+          f"forwards) = {fast_rate:.2f} faults/s; ratio {fast_rate / ref_rate:.2f}x")
     work = totals["reference_flops"] / totals["fast_flops"] if totals["fast_flops"] else math.nan
     if args.flop_faults:
         print(f"work: conv/matmul FLOPs per fault, reference over fast, {work:.2f}x (the ratio if time followed "
@@ -226,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "model": name, "layers": rows, "faults": faults, "agreement": rate,
+            "images": len(ids), "golden_set": len(golden_set), "images_hit": len(hit),
+            "faults_per_image": faults / len(hit), "golden_passes": fast.golden_images, "full_forward": full,
+            "reference_s": totals["reference"], "fast_s": totals["fast"],
             "reference_faults_per_s": ref_rate, "fast_faults_per_s": fast_rate, "ratio": fast_rate / ref_rate,
             "work_ratio": work,
             "fast_setup_s": setup, "engine": fast.describe(),

@@ -65,15 +65,17 @@ def assert_agree(model: nn.Module, x: torch.Tensor, a: InjectionResult, b: Injec
 
 
 def compare(model: nn.Module, x: torch.Tensor, n: int = 12, fmt: str = "fp32", clamp: bool = False,
-            layers: str | None = None, rtol: float = 1e-4, **fast_options) -> FastEngine:
-    """Run ``n`` faults per layer (those matching the regex ``layers``) through both engines; assert agreement."""
+            layers: str | None = None, rtol: float = 1e-4, cost_model: bool = False, **fast_options) -> FastEngine:
+    """Run ``n`` faults per layer (those matching the regex ``layers``) through both engines; assert agreement.
+    Without ``cost_model`` every batch runs its plan (on these tiny inputs the cost model would run most of
+    them as full forwards, leaving the plans untested)."""
     nf = FORMATS[fmt]
     model = model.to(nf.dtype).eval()
     x = x.to(nf.dtype)
     chosen = select_layers(discover_layers(model, x[:1]), layers)
     limits = profile_max_abs(model, chosen, [x], nf, "cpu") if clamp else None
     reference = ReferenceEngine(model, chosen, nf, batch_size=8, clamp=limits)
-    fast = FastEngine(model, chosen, nf, batch_size=8, clamp=limits, **fast_options)
+    fast = FastEngine(model, chosen, nf, batch_size=8, clamp=limits, cost_model=cost_model, **fast_options)
     for i, layer in enumerate(chosen):
         sites = sites_for(layer, n, len(x), nf.bits, seed=i)
         assert_agree(model, x, reference.run(layer, sites, Images(x)), fast.run(layer, sites, Images(x)), sites, rtol)
@@ -152,7 +154,7 @@ def test_closed_form_replaces_one_logit() -> None:
     model = models.build_model("resnet20", 10, in_chans=1).eval()
     x = torch.randn(3, 1, 8, 8)
     layer = discover_layers(model, x[:1])[-1]
-    fast = FastEngine(model, [layer], FORMATS["fp32"], batch_size=4)
+    fast = FastEngine(model, [layer], FORMATS["fp32"], batch_size=4, cost_model=False)
     sites = FaultSites("linear", torch.tensor([0, 2, 1]), torch.tensor([3, 9, 0]), torch.tensor([30, 22, 31]))
     result = fast.run(layer, sites, Images(x))
     assert fast.path("linear") == "closed-form"
@@ -180,7 +182,7 @@ def test_dropping_is_exact() -> None:
     x = (torch.arange(32, dtype=torch.float32).reshape(2, 1, 4, 4) + 17) / 32
     layer = discover_layers(model, x[:1])[0]
     reference = ReferenceEngine(model, [layer], FORMATS["fp32"], batch_size=8)
-    fast = FastEngine(model, [layer], FORMATS["fp32"], batch_size=8)
+    fast = FastEngine(model, [layer], FORMATS["fp32"], batch_size=8, cost_model=False)
     # channel 0, bits 0 and 22: still negative -> masked; bit 31: positive -> not; channel 1, bit 0: one ulp
     sites = FaultSites("0", torch.tensor([0, 1, 0, 1]), torch.tensor([5, 7, 5, 16 + 3]), torch.tensor([0, 22, 31, 0]))
     a, b = reference.run(layer, sites, Images(x)), fast.run(layer, sites, Images(x))
@@ -201,7 +203,7 @@ def test_strided_conv_that_reads_none_of_the_window() -> None:
     x = torch.rand(2, 1, 6, 6) + 1.0
     layer = discover_layers(model, x[:1])[0]
     reference = ReferenceEngine(model, [layer], FORMATS["fp32"], batch_size=8)
-    fast = FastEngine(model, [layer], FORMATS["fp32"], batch_size=8)
+    fast = FastEngine(model, [layer], FORMATS["fp32"], batch_size=8, cost_model=False)
     odd = torch.tensor([1 * 6 + 1, 36 + 3 * 6 + 5, 72 + 5 * 6 + 3])  # (channel, odd row, odd column)
     sites = FaultSites("0", torch.tensor([0, 1, 1]), odd, torch.tensor([30, 31, 22]))
     a, b = reference.run(layer, sites, Images(x)), fast.run(layer, sites, Images(x))

@@ -22,6 +22,11 @@ faults of one layer then
 4. a layer whose output is the logits needs no pass at all (closed form: the golden logits with one
    element replaced).
 
+A golden pass pays only when its image takes several faults. A batch whose cold images (neither held
+nor recently asked for) would cost more in golden passes than its suffix passes save runs a hooked
+full forward per fault instead, the reference's computation without its model copy, so the engine is
+never slower than the reference: with the whole test set, few faults share an image.
+
 Models torch.fx cannot trace, and layers whose plan fails or whose self-check fails (the plan's
 fault-free logits against the model's own on one image), run a hooked full forward per batch of
 faults, and :meth:`FastEngine.describe` says so. Results agree with the reference engine to
@@ -39,6 +44,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from resilience.engines import graph_split
@@ -55,6 +62,10 @@ WINDOW_LIMIT = 0.5  # a window covering more of its map than this is pasted and 
 # boxes row by row costs Python time that small, narrow maps (CIFAR-sized networks) do not win back.
 # Pools and subsampling keep their windows: pasting costs a copy of the whole map, they save little
 MIN_WINDOW_SAVING = 1 << 22
+# A golden pass of an image costs about this many forward passes: it also writes every value the plans
+# read into the store, first touches of the store's pages included (measured on resnet20, 28x28: 1.3 on
+# warm pages, 3.3 while the store fills on a loaded machine; the higher bound keeps full forwards safe)
+GOLDEN_PASS_COST = 3.0
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -127,7 +138,22 @@ class GoldenStore:
         self._free: list[int] = []  # slots holding no image
         self.shared: dict[fx.Node, Any] = {}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # image id -> slot, least recently used first
+        self.demand: OrderedDict[int, None] = OrderedDict()  # the last ``capacity`` distinct images asked for
         self.computed = 0  # images run through the recorder (a measure of golden work)
+
+    def cold(self, ids: list[int]) -> int:
+        """Distinct images of ``ids`` neither held nor among the last ``capacity`` asked for: those a golden
+        pass would compute even with every batch planned (a held image's pass is already paid; a recently
+        asked-for one would be held)."""
+        return sum(i not in self.slot_of and i not in self.demand for i in dict.fromkeys(ids))
+
+    def want(self, ids: list[int]) -> None:
+        """Record that faults asked for ``ids``, whichever way they ran."""
+        for image in ids:
+            self.demand[image] = None
+            self.demand.move_to_end(image)
+        while len(self.demand) > self.capacity:
+            self.demand.popitem(last=False)
 
     def slots(self, ids: list[int], source: ImageSource, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Slot of each image in ``ids`` (at most ``capacity`` distinct), computing the missing ones."""
@@ -147,7 +173,7 @@ class GoldenStore:
                 self.shared = dict(zip(self.shared_nodes, values[len(self.nodes) :], strict=True))
             slots = torch.tensor(self._free_slots(len(batch), wanted, values), device=device)
             for node, value in zip(self.nodes, values, strict=False):
-                self.slabs[node][slots] = value
+                self.slabs[node].index_copy_(0, slots, value)
             self.slot_of.update(zip(batch, slots.tolist(), strict=True))
         return torch.tensor([self.slot_of[i] for i in ids], device=device)
 
@@ -167,9 +193,9 @@ class GoldenStore:
 class _Run:
     """One batch of faults of one layer going through the suffix plan."""
 
-    def __init__(self, engine: FastEngine, plan: SuffixPlan, slots: torch.Tensor) -> None:
-        self.engine, self.plan, self.store = engine, plan, engine._store
-        self.facts = engine._facts
+    def __init__(self, context: Context, plan: SuffixPlan, slots: torch.Tensor) -> None:
+        self.context, self.plan, self.store, self.facts = context, plan, context.store, context.facts
+        self.window_ops = 0  # convs and pools run on windows rather than whole maps
         self.slots = slots
         self.rows = slots.tolist()
         self.index = torch.arange(len(slots), device=slots.device)  # rows' positions in the batch
@@ -226,7 +252,7 @@ class _Run:
         args = fx.node.map_arg(node.args, get)
         kwargs = fx.node.map_arg(node.kwargs, get)
         if node.op == "call_module":
-            return self.engine._modules[str(node.target)](*args, **kwargs)
+            return self.context.modules[str(node.target)](*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         self_arg, *rest = args
@@ -254,10 +280,10 @@ class _Run:
         saved = (out_h * out_w - sizes[0] * sizes[1]) * self.facts[node].shape[1] * spec.work
         if sizes[0] * sizes[1] > WINDOW_LIMIT * out_h * out_w or (spec.kind == "conv" and saved < MIN_WINDOW_SAVING):
             return self.call(node)
-        self.engine.counts[self.plan.layer]["window_ops"] += 1
+        self.window_ops += 1
         (y0, rh), (x0, rw) = starts
         grid = self.region(source, y0.tolist(), x0.tolist(), (rh, rw), spec.fill)
-        module = self.engine._modules.get(str(node.target)) if node.op == "call_module" else None
+        module = self.context.modules.get(str(node.target)) if node.op == "call_module" else None
         if spec.kind == "conv":
             out = F.conv2d(grid, module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
         elif spec.kind == "maxpool":
@@ -325,59 +351,85 @@ class _Run:
         return self.full(plan.result)
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a run reads besides its plan: the golden store, the traced nodes' facts, the traced modules."""
+
+    store: GoldenStore
+    facts: dict[fx.Node, NodeFacts]
+    modules: dict[str, nn.Module]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A layer whose faults can run its suffix plan; ``flops`` is the plan's conv/matmul work per fault."""
+
+    suffix: SuffixPlan
+    flops: float
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A layer whose faults run a hooked full forward, and why (``whole_model``: no layer has a plan)."""
+
+    reason: str
+    whole_model: bool = False
+
+
 class FastEngine(Engine):
     """Suffix-only injection on a torch.fx trace of the model, on windows, with exact fault dropping.
 
     ``batch_size`` bounds the faults of one suffix pass; ``cache_bytes`` bounds the golden values held
-    (for all layers at once; images are recomputed when they do not fit). ``counts[layer]`` tallies
-    ``faults``, ``dropped`` (found masked: no suffix pass past the point of masking) and ``window_ops``
-    (convs and pools run on windows rather than whole maps, per batch).
+    (for all layers at once; images are recomputed when they do not fit). With ``cost_model`` (the
+    default) a batch whose golden passes would cost more than they save runs a hooked full forward
+    instead (see :meth:`_plan_pays`); without it every planned layer runs its plan. ``counts[layer]``
+    tallies ``faults``, ``dropped`` (found masked: no suffix pass past the point of masking),
+    ``window_ops`` (convs and pools run on windows rather than whole maps, per batch) and
+    ``full_forward`` (faults run as a hooked full forward).
     """
 
     name = "fast"
 
-    def __init__(self, *args: Any, cache_bytes: int = DEFAULT_CACHE_BYTES, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cache_bytes: int = DEFAULT_CACHE_BYTES, cost_model: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if cache_bytes < 1:
             raise EngineError("cache_bytes must be at least 1")
-        self.cache_bytes = cache_bytes
+        self.cache_bytes, self.cost_model = cache_bytes, cost_model
         self.counts: dict[str, dict[str, int]] = {}
-        self._layer_fallbacks: dict[str, str] = {}
-        self._fallback: str | None = None
+        self._routes: dict[str, Plan | Fallback] = {}  # every layer's, once planned (on the first run)
+        self._context: Context | None = None
+        self._forward_flops = 0.0  # conv/matmul work of the model's forward pass, per image
         self._gm: fx.GraphModule | None = None
         try:
             self._gm = graph_split.trace(self.model)
         except SplitError as exc:
-            self._fallback = str(exc)
-            warnings.warn(f"fast engine: every layer falls back to a full forward ({exc})", stacklevel=2)
-        self._modules = dict(self._gm.named_modules()) if self._gm is not None else {}
-        self._facts: dict[fx.Node, NodeFacts] = {}
-        self._plans: dict[str, SuffixPlan] | None = None
-        self._checked: set[str] = set()
-        self._store: GoldenStore | None = None
-        self._probe: tuple[int, torch.Tensor] | None = None  # an image id and the model's own logits for it
+            self._fall_back_everywhere(str(exc))
 
     def describe(self) -> dict[str, Any]:
         """Engine name, whether the model traced, and every layer that fell back to a full forward."""
         info: dict[str, Any] = {"engine": self.name, "traced": self._gm is not None}
-        if self._fallback:
-            info["fallback"] = f"every layer runs a hooked full forward per batch of faults ({self._fallback})"
-        if self._layer_fallbacks:
-            info["fallback_layers"] = dict(self._layer_fallbacks)
+        fallbacks = {name: r for name, r in self._routes.items() if isinstance(r, Fallback)}
+        whole = next((r.reason for r in fallbacks.values() if r.whole_model), None)
+        if whole is not None:
+            info["fallback"] = f"every layer runs a hooked full forward per batch of faults ({whole})"
+        elif fallbacks:
+            info["fallback_layers"] = {name: r.reason for name, r in fallbacks.items()}
         return info
 
     @property
     def golden_images(self) -> int:
         """Images run through the golden pass so far (each once while the cache holds it)."""
-        return self._store.computed if self._store is not None else 0
+        return self._context.store.computed if self._context is not None else 0
 
     def path(self, layer: str) -> str:
-        """How faults of ``layer`` run: "closed-form", "windowed", "suffix", "fallback" or "unknown" (not run yet)."""
-        if self._fallback or layer in self._layer_fallbacks:
-            return "fallback"
-        if self._plans is None or layer not in self._plans:
+        """How faults of ``layer`` run: "closed-form", "windowed", "suffix", "fallback" or "unknown" (not run
+        yet). A planned layer's batches may still run full forwards when the cost model says so."""
+        route = self._routes.get(layer)
+        if route is None:
             return "unknown"
-        plan = self._plans[layer]
+        if isinstance(route, Fallback):
+            return "fallback"
+        plan = route.suffix
         return "closed-form" if not plan.steps else "windowed" if plan.windowed else "suffix"
 
     @torch.inference_mode()
@@ -392,23 +444,25 @@ class FastEngine(Engine):
             raise EngineError(f"element index out of range for layer {layer.name} ({layer.neurons} elements)")
         if int(sites.bit.min()) < 0 or int(sites.bit.max()) >= self.fmt.bits:
             raise EngineError(f"bit positions must lie in [0, {self.fmt.bits - 1}] for {self.fmt.name}")
-        counts = self.counts.setdefault(layer.name, {"faults": 0, "dropped": 0, "window_ops": 0})
+        counts = self.counts.setdefault(layer.name, {"faults": 0, "dropped": 0, "window_ops": 0, "full_forward": 0})
         counts["faults"] += n
-        plan = self._plan(layer, sites, source)
+        route = self._route(layer, sites, source)
         logits: torch.Tensor | None = None
         golden = torch.empty(n, dtype=torch.float64)
         faulty = torch.empty(n, dtype=torch.float64)
         with tqdm(total=n, unit="fault", desc=layer.name, leave=False, disable=None) as bar:
-            for where in self._batches(sites, plan is not None):
+            for where in self._batches(sites, isinstance(route, Plan)):
                 chunk = FaultSites(layer.name, sites.image[where], sites.index[where], sites.bit[where])
-                if plan is None:
-                    out, gold, bad, dropped = self._run_hooked(layer, chunk, source)
+                if isinstance(route, Plan) and self._plan_pays(route, chunk.image.tolist()):
+                    out, gold, bad, run = self._run_plan(route.suffix, layer, chunk, source)
+                    counts["dropped"] += len(chunk) - len(run.index)
+                    counts["window_ops"] += run.window_ops
                 else:
-                    out, gold, bad, dropped = self._run_plan(plan, layer, chunk, source)
+                    out, gold, bad = self._run_hooked(layer, chunk, source)
+                    counts["full_forward"] += len(chunk)
                 if logits is None:
                     logits = torch.empty(n, out.shape[1])
                 logits[where], golden[where], faulty[where] = out, gold, bad
-                counts["dropped"] += dropped
                 bar.update(len(chunk))
         assert logits is not None
         return InjectionResult(logits, golden, faulty)
@@ -419,79 +473,102 @@ class FastEngine(Engine):
         n = len(sites)
         if not planned:
             return [torch.arange(start, min(start + self.batch_size, n)) for start in range(0, n, self.batch_size)]
-        assert self._store is not None
+        assert self._context is not None
+        capacity = self._context.store.capacity
         order = torch.argsort(sites.image, stable=True)
         images = sites.image[order].tolist()
         batches, start, distinct = [], 0, 0
         for j in range(n):
             new = j == start or images[j] != images[j - 1]
-            if j > start and (j - start == self.batch_size or (new and distinct == self._store.capacity)):
+            if j > start and (j - start == self.batch_size or (new and distinct == capacity)):
                 batches.append(order[start:j])
                 start, distinct, new = j, 0, True
             distinct += new
         batches.append(order[start:])
         return batches
 
+    def _plan_pays(self, plan: Plan, images: list[int]) -> bool:
+        """Whether a batch of faults on ``images`` should run ``plan`` rather than a full forward each.
+
+        The plan costs a golden pass per cold image plus the suffix per fault; the full forwards one forward
+        per fault. Counted in conv/matmul FLOPs of the trace (so the choice is the same on every run and
+        machine). Images asked for recently count as held, so that a cold start on few images does not
+        stop the store from ever filling, while a whole test set that the store cannot hold runs full
+        forwards: there a golden pass serves about one fault.
+        """
+        assert self._context is not None
+        store = self._context.store
+        cold = store.cold(images)
+        store.want(images)
+        if not self.cost_model:
+            return True
+        n = len(images)
+        return cold * GOLDEN_PASS_COST * self._forward_flops + n * plan.flops <= n * self._forward_flops
+
     # ------------------------------------------------------------------------------------- plans
 
-    def _plan(self, layer: LayerInfo, sites: FaultSites, source: ImageSource) -> SuffixPlan | None:
-        """The suffix plan of ``layer`` (all plans are made on first use, each checked on its first use),
-        or None to fall back."""
-        if self._gm is None or self._fallback or layer.name in self._layer_fallbacks:
-            return None
-        if self._plans is None:
+    def _route(self, layer: LayerInfo, sites: FaultSites, source: ImageSource) -> Plan | Fallback:
+        """How ``layer`` runs; every layer is planned and checked on the first run."""
+        if not self._routes:
+            assert self._gm is not None  # an untraced model has its routes from the start
             try:
-                self._make_plans(int(sites.image[0]), source)
+                self._make_routes(self._gm, int(sites.image[0]), source)
             except Exception as exc:  # the trace does not run as the model does: no plan at all
-                self._fallback = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"fast engine: every layer falls back to a full forward ({self._fallback})", stacklevel=2)
-                return None
-        assert self._plans is not None
-        plan = self._plans.get(layer.name)
-        if plan is not None and layer.name not in self._checked:
-            try:
-                self._self_check(plan, layer, source)
-            except Exception as exc:  # any failure of the plan means: run this layer the slow, sure way
-                self._fall_back(layer.name, exc)
-                return None
-            self._checked.add(layer.name)
-        return plan
+                self._fall_back_everywhere(f"{type(exc).__name__}: {exc}")
+        return self._routes.get(layer.name, Fallback("not among the engine's layers"))
 
-    def _fall_back(self, layer: str, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
-        self._layer_fallbacks[layer] = reason
-        warnings.warn(f"fast engine: layer {layer} falls back to a full forward ({reason})", stacklevel=3)
+    def _fall_back_everywhere(self, reason: str) -> None:
+        self._routes = {name: Fallback(reason, whole_model=True) for name in self.layers}
+        warnings.warn(f"fast engine: every layer falls back to a full forward ({reason})", stacklevel=3)
 
-    def _make_plans(self, probe_id: int, source: ImageSource) -> None:
-        assert self._gm is not None
+    def _make_routes(self, gm: fx.GraphModule, probe_id: int, source: ImageSource) -> None:
+        """Plan every layer on one probe image, make the golden store, then check each plan on the probe."""
         image = source.images(torch.tensor([probe_id])).to(self.device, self.fmt.dtype)
-        self._probe = probe_id, self.model(image).float()
-        self._facts = graph_split.probe(self._gm, torch.cat([image] * PROBE_BATCH))
-        self._plans = {}
+        with FlopCounterMode(display=False) as counter:
+            expected = self.model(image).float()
+        self._forward_flops = float(counter.get_total_flops())
+        facts = graph_split.probe(gm, torch.cat([image] * PROBE_BATCH))
+        plans: dict[str, SuffixPlan] = {}
+        routes: dict[str, Plan | Fallback] = {}
         for name in self.layers:
             try:
-                self._plans[name] = graph_split.plan_suffix(self._gm, self._facts, name)
+                plans[name] = graph_split.plan_suffix(gm, facts, name)
             except SplitError as exc:
-                self._fall_back(name, exc)
-        nodes = {n for plan in self._plans.values() for n in [*plan.golden, plan.result]}
-        order = {n: i for i, n in enumerate(self._gm.graph.nodes)}
+                routes[name] = self._fallback(name, exc)
+        nodes = {n for plan in plans.values() for n in [*plan.golden, plan.result]}
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         shared = {
-            a for plan in self._plans.values() for step in plan.steps for a in step.node.all_input_nodes
-            if a.op == "get_attr" or not self._facts[a].input_dependent
+            a for plan in plans.values() for step in plan.steps for a in step.node.all_input_nodes
+            if a.op == "get_attr" or not facts[a].input_dependent
         }
-        self._store = GoldenStore(self._gm, sorted(nodes, key=order.__getitem__), sorted(shared, key=order.__getitem__),
-                                  self._facts, self.cache_bytes)
+        store = GoldenStore(gm, sorted(nodes, key=order.__getitem__), sorted(shared, key=order.__getitem__),
+                            facts, self.cache_bytes)
+        self._context = context = Context(store, facts, dict(gm.named_modules()))
+        for name, plan in plans.items():
+            try:
+                routes[name] = Plan(plan, self._self_check(context, plan, self.layers[name], probe_id, expected, source))
+            except Exception as exc:  # any failure of the plan means: run this layer the slow, sure way
+                routes[name] = self._fallback(name, exc)
+        self._routes = {name: routes[name] for name in self.layers}
 
-    def _self_check(self, plan: SuffixPlan, layer: LayerInfo, source: ImageSource) -> None:
+    @staticmethod
+    def _fallback(layer: str, exc: Exception) -> Fallback:
+        reason = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"fast engine: layer {layer} falls back to a full forward ({reason})", stacklevel=4)
+        return Fallback(reason)
+
+    def _self_check(
+        self, context: Context, plan: SuffixPlan, layer: LayerInfo, probe_id: int, expected: torch.Tensor,
+        source: ImageSource,
+    ) -> float:
         """The plan without a fault, on two rows of the probe image (a window in the middle of the map),
-        must give the model's own logits."""
-        assert self._probe is not None and self._store is not None
-        probe_id, expected = self._probe
-        slots = self._store.slots([probe_id, probe_id], source, self.device, self.fmt.dtype)
+        must give the model's own logits ``expected``. Returns the plan's conv/matmul FLOPs per row."""
+        slots = context.store.slots([probe_id, probe_id], source, self.device, self.fmt.dtype)
         shape = layer.out_shape
         middle = torch.tensor([(shape[1] // 2) * shape[2] + shape[2] // 2 if plan.windowed else layer.neurons // 2] * 2)
-        run, *_ = self._start(plan, layer, slots, middle, None)
-        logits = run.execute(drop=False).float()
+        run, *_ = self._start(context, plan, layer, slots, middle, None)
+        with FlopCounterMode(display=False) as counter:
+            logits = run.execute(drop=False).float()
         expected = expected.expand(2, -1)
         # A structural check (a wrong plan is far off), relative to each row's largest logit: reassociation
         # errors scale with it, and a random-weight ResNet-152 at 224 px has logits from 7e3 to 1.3e8
@@ -502,15 +579,16 @@ class FastEngine(Engine):
             ((logits[finite] - expected[finite]).abs() <= tol * scale[finite]).all()
         ):
             raise SplitError(f"the plan of {layer.name} does not reproduce the model's logits")
+        return counter.get_total_flops() / 2
 
     def _start(
-        self, plan: SuffixPlan, layer: LayerInfo, slots: torch.Tensor, index: torch.Tensor, bits: torch.Tensor | None
+        self, context: Context, plan: SuffixPlan, layer: LayerInfo, slots: torch.Tensor, index: torch.Tensor,
+        bits: torch.Tensor | None,
     ) -> tuple[_Run, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """A run whose layer output is golden but for ``bits`` flipped at ``index`` (no flip when None),
         with the golden and faulty values (float64) and whether the flip changed the value's bits."""
-        run = _Run(self, plan, slots)
-        assert self._store is not None
-        slab = self._store.slabs[plan.cut]
+        run = _Run(context, plan, slots)
+        slab = context.store.slabs[plan.cut]
         if plan.windowed:
             channel, y, x = torch.unravel_index(index, layer.out_shape)
             crop = _crop(slab, run.rows, y.tolist(), x.tolist(), (1, 1), 0.0)
@@ -529,25 +607,28 @@ class FastEngine(Engine):
 
     def _run_plan(
         self, plan: SuffixPlan, layer: LayerInfo, sites: FaultSites, source: ImageSource
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        assert self._store is not None
-        slots = self._store.slots(sites.image.tolist(), source, self.device, self.fmt.dtype)
-        run, golden, faulty, changed = self._start(plan, layer, slots, sites.index, sites.bit)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Run]:
+        """Logits, golden and faulty values of a batch through ``plan``, and the run (its rows still in
+        ``index`` went to the logits; the others were masked)."""
+        assert self._context is not None
+        store = self._context.store
+        slots = store.slots(sites.image.tolist(), source, self.device, self.fmt.dtype)
+        run, golden, faulty, changed = self._start(self._context, plan, layer, slots, sites.index, sites.bit)
         assert golden is not None and faulty is not None and changed is not None
-        logits = self._store.slabs[plan.result].index_select(0, slots)
+        logits = store.slabs[plan.result].index_select(0, slots)
         if not bool(changed.all()):
             run.subset(changed)
         if len(run.slots):
             out = run.execute(drop=True)
             if len(run.index):
                 logits[run.index] = out
-        return logits.float().cpu(), golden, faulty, len(sites) - len(run.index)
+        return logits.float().cpu(), golden, faulty, run
 
     # ------------------------------------------------------------------------------------- fallback
 
     def _run_hooked(
         self, layer: LayerInfo, sites: FaultSites, source: ImageSource
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A full forward of the batch's images with the flips made by a forward hook on the layer."""
         images = source.images(sites.image).to(self.device, self.fmt.dtype)
         batch = torch.arange(len(sites), device=self.device)
@@ -565,7 +646,7 @@ class FastEngine(Engine):
             handle.remove()
         if "golden" not in record:
             raise EngineError(f"layer {layer.name} did not run in the forward pass")
-        return logits.float().cpu(), record["golden"], record["faulty"], 0
+        return logits.float().cpu(), record["golden"], record["faulty"]
 
     def _max_abs(self, layer: LayerInfo) -> float | None:
         return None if self.clamp is None else float(self.clamp[layer.name])
