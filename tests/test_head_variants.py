@@ -1,0 +1,149 @@
+"""Head variants (cosine, projection, random-init text head), the per-iteration lr schedule, range
+restriction (Ranger) and the heads experiment driver."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import models  # noqa: E402
+from training.optim import build_lr_scheduler  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EMBED = 16
+X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+Y = torch.tensor([0, 1, 2, 3])
+FEATURES = torch.randn(10, EMBED, generator=torch.Generator().manual_seed(2))
+
+
+def build(head: str, **kw) -> nn.Module:
+    return models.build_model("resnet20", 10, head=head, embed_dim=EMBED, in_chans=1, **kw)
+
+
+def meta_of(head: str) -> dict:
+    return {"model": "resnet20", "num_classes": 10, "head": head, "embed_dim": EMBED, "in_chans": 1,
+            "small_input": True, "dataset": "fashion-mnist"}
+
+
+def train_step(model: nn.Module) -> None:
+    model.train()
+    optimizer = torch.optim.SGD(models.param_groups(model, 5e-4), lr=0.1, momentum=0.9)
+    optimizer.zero_grad()
+    F.cross_entropy(model(X), Y).backward()
+    optimizer.step()
+
+
+# ------------------------------------------------------------------------------------------- heads
+
+
+@pytest.mark.parametrize("head,features", [("cosine", None), ("projection", FEATURES), ("text", None)],
+                         ids=["cosine", "projection", "text-random"])
+def test_variant_trains_saves_and_reloads(tmp_path: Path, head: str, features: torch.Tensor | None) -> None:
+    model = build(head, text_features=features)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model)
+    changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert "head.weight" in changed and any(k.startswith("backbone.") for k in changed)
+    path = models.save_checkpoint(tmp_path / f"{head}.pth", model, meta_of(head))
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["meta"]["head"] == head
+    loaded, meta = models.load_checkpoint(path)
+    assert type(loaded) is type(model) and meta["head"] == head
+    with torch.no_grad():
+        assert torch.equal(loaded(X), model.eval()(X))
+
+
+def test_cosine_head_has_no_projection_and_bounded_initial_logits() -> None:
+    model = build("cosine").eval()
+    assert models.last_layer_names(model) == ["head"]
+    assert not any(isinstance(m, nn.Linear) for m in model.backbone.modules())
+    assert model.head.in_features == 64  # resnet20's feature width B
+    norms = model.head.weight.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms))
+    with torch.no_grad():
+        logits = model(X)
+    # unit features against unit rows: every logit is a cosine times the scale
+    assert logits.abs().max() <= model.scale * (1 + 1e-5)
+
+
+def test_normalisation_sets_the_heads_apart() -> None:
+    """Scaling the projection's output leaves the text head's logits unchanged and scales the projection head's."""
+    logits = {}
+    for head in ("text", "projection"):
+        model = build(head, text_features=FEATURES).eval()
+        with torch.no_grad():
+            first = model(X)
+            last = model.backbone.linear
+            last.weight.mul_(3.0)
+            last.bias.mul_(3.0)
+            logits[head] = first, model(X)
+    text_before, text_after = logits["text"]
+    proj_before, proj_after = logits["projection"]
+    assert torch.allclose(text_after, text_before, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(proj_after, 3.0 * proj_before, rtol=1e-4, atol=1e-5)
+
+
+def test_projection_head_is_text_initialised_and_two_layered() -> None:
+    model = build("projection", text_features=FEATURES)
+    assert torch.allclose(model.head.weight, F.normalize(FEATURES, dim=1))
+    assert models.last_layer_names(model) == ["backbone.linear", "head"]
+    assert not hasattr(model, "logit_scale")
+
+
+def test_head_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="text_features need"):
+        build("cosine", text_features=FEATURES)
+    with pytest.raises(ValueError, match="unknown head"):
+        build("cosine-text")
+    with pytest.raises(ValueError, match="freeze_head"):
+        build("linear", freeze_head=True)
+
+
+def test_cosine_temperature_is_not_decayed() -> None:
+    model = build("cosine")
+    decay_of = {id(p): g["weight_decay"] for g in models.param_groups(model, 0.1) for p in g["params"]}
+    assert decay_of[id(model.logit_scale)] == 0.0
+    assert decay_of[id(model.head.weight)] == 0.1
+
+
+# ----------------------------------------------------------------------------------- lr schedule
+
+
+def schedule_args(**kw) -> argparse.Namespace:
+    base = {"lr_scheduler": "cosineannealinglr", "lr_warmup_epochs": 0, "lr_warmup_method": "linear",
+            "lr_warmup_decay": 0.01, "lr_step_size": 30, "lr_gamma": 0.1, "lr_min": 0.0, "epochs": 3}
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_per_iteration_cosine_reaches_lr_min_at_the_last_iteration(warmup: int) -> None:
+    steps, epochs = 7, 3
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = build_lr_scheduler(optimizer, schedule_args(epochs=epochs, lr_warmup_epochs=warmup), steps)
+    used = []
+    for _ in range(epochs * steps):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    after_warmup = used[warmup * steps:]
+    assert all(a > b for a, b in zip(after_warmup, after_warmup[1:], strict=False))  # decreasing every iteration
+    assert after_warmup[0] == pytest.approx(0.1)
+    assert 0 < used[-1] < 0.1 * (1 - torch.cos(torch.tensor(torch.pi / len(after_warmup))).item())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_per_epoch_stepping_is_unchanged_by_default() -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_lr_scheduler(optimizer, schedule_args(epochs=4))
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and scheduler.T_max == 4
