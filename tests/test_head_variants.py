@@ -4,6 +4,7 @@ restriction (Ranger) and the heads experiment driver."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -147,3 +148,113 @@ def test_per_epoch_stepping_is_unchanged_by_default() -> None:
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = build_lr_scheduler(optimizer, schedule_args(epochs=4))
     assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and scheduler.T_max == 4
+
+
+# ------------------------------------------------------------------------------ range restriction
+
+
+def profiled(model: nn.Module) -> dict[str, float]:
+    from resilience.bitflip import get_format
+    from resilience.layers import discover_layers
+    from resilience.profile import profile_max_abs
+
+    model.eval()
+    return profile_max_abs(model, discover_layers(model, X[:1]), [X], get_format("fp32"), "cpu")
+
+
+@pytest.mark.parametrize("head", ["linear", "text"])
+def test_restriction_keeps_fault_free_outputs_and_layer_names(head: str) -> None:
+    from models.range_restriction import restrict_ranges
+    from resilience.layers import discover_layers
+
+    model = build(head).eval()
+    restricted = restrict_ranges(model, profiled(model))
+    with torch.no_grad():
+        assert torch.equal(restricted(X), model(X))  # the profiled images stay inside their ranges
+    assert [layer.name for layer in discover_layers(restricted, X[:1])] == [
+        layer.name for layer in discover_layers(model, X[:1])]
+    assert models.last_layer_names(restricted) == models.last_layer_names(model)
+    assert restricted.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("value", [1e30, float("inf"), float("nan")])
+def test_huge_flip_in_a_restricted_layer_gives_bounded_output(value: float) -> None:
+    """The clamp acts after the injected fault, as in Ranger: a forward hook on the layer (how engines
+    inject) writes the fault, the next layer reads the clamped value and the logits stay bounded."""
+    from models.range_restriction import restrict_ranges
+
+    model = build("linear").eval()
+    bounds = profiled(model)
+    restricted = restrict_ranges(model, bounds)
+    layer = "layer2.0.conv1"
+
+    def fault(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        output[0, 3, 2, 2] = value
+
+    seen = {}
+
+    def read(_module: nn.Module, inputs: tuple) -> None:
+        seen["read"] = inputs[0][0, 3, 2, 2].item()
+
+    handles = [restricted.get_submodule(layer).register_forward_hook(fault),
+               restricted.get_submodule("layer2.0.bn1").register_forward_pre_hook(read)]
+    with torch.no_grad():
+        logits = restricted(X)
+        for handle in handles:
+            handle.remove()
+        handle = model.get_submodule(layer).register_forward_hook(fault)
+        plain = model(X)
+        handle.remove()
+    assert seen["read"] == pytest.approx(bounds[layer] if value > 0 or math.isnan(value) else -bounds[layer])
+    assert torch.isfinite(logits).all() and logits.abs().max() <= bounds["linear"]
+    assert not torch.isfinite(plain[0]).all() or plain[0].abs().max() > 1e6 * bounds["linear"]
+
+
+def test_restricted_checkpoint_round_trip(tmp_path: Path) -> None:
+    from models.range_restriction import META_KEY, restrict_ranges, restricted_meta
+
+    model = build("text", text_features=FEATURES).eval()
+    bounds = profiled(model)
+    path = models.save_checkpoint(tmp_path / "r.pth", model, restricted_meta(meta_of("text"), bounds, images=4))
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["meta"][META_KEY]["bounds"] == bounds
+    loaded, meta = models.load_checkpoint(path)
+    assert meta[META_KEY]["profile"] == {"images": 4}
+    assert models.last_layer_names(loaded) == ["backbone.linear", "head"]
+    with torch.no_grad():
+        assert torch.equal(loaded(X), restrict_ranges(model, bounds)(X))
+    broken = restricted_meta(meta_of("text"), {**bounds, "nowhere": 1.0})
+    models.save_checkpoint(tmp_path / "bad.pth", model, broken)
+    with pytest.raises(models.CheckpointError, match="not layers of the model: nowhere"):
+        models.load_checkpoint(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_engines_agree_on_a_restricted_model(clamp: bool) -> None:
+    """Both engines inject before the restriction's clamp; the fast engine re-traces the restricted graph."""
+    from models.range_restriction import restrict_ranges
+    from resilience.bitflip import get_format
+    from resilience.engines import FaultSites, get_engine
+    from resilience.golden import TensorImageSource
+    from resilience.layers import discover_layers
+
+    model = build("linear").eval()
+    bounds = profiled(model)
+    restricted = restrict_ranges(model, bounds)
+    layers = discover_layers(restricted, X[:1])
+    source = TensorImageSource(torch.arange(len(X)), X)
+    generator = torch.Generator().manual_seed(3)
+    results = {}
+    for name in ("reference", "fast"):
+        engine = get_engine(name)(restricted, layers, get_format("fp32"), clamp=bounds if clamp else None, batch_size=8)
+        results[name] = []
+        for layer in (layers[0], layers[7], layers[-1]):
+            g = torch.Generator().manual_seed(generator.initial_seed() + layer.order)
+            n = 8
+            sites = FaultSites(layer.name, torch.randint(0, len(X), (n,), generator=g),
+                               torch.randint(0, layer.neurons, (n,), generator=g),
+                               torch.tensor([30, 31, 29, 30, 22, 30, 1, 30]))
+            results[name].append(engine.run(layer, sites, source).faulty_logits)
+    for ref, fast in zip(results["reference"], results["fast"], strict=True):
+        assert torch.isfinite(ref).all()
+        assert torch.allclose(ref, fast, rtol=1e-4, atol=1e-4)
