@@ -258,3 +258,79 @@ def test_engines_agree_on_a_restricted_model(clamp: bool) -> None:
     for ref, fast in zip(results["reference"], results["fast"], strict=True):
         assert torch.isfinite(ref).all()
         assert torch.allclose(ref, fast, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ the driver
+
+SMALL = ["--seeds", "1", "--epochs", "1", "--profile-images", "32", "--range-images", "32",
+         "--train-args", "--train-subset 128 --test-subset 64 -b 64 --workers 0 --device cpu --print-freq 1000",
+         "--inject-args", "--injections 4 --max-images 64 --engine fast --clamp profile --no-progress -j 0 --device cpu"]
+
+
+def analyze(*argv: str) -> int:
+    import analyze as cli
+
+    return cli.main(list(argv))
+
+
+def test_dry_run_lists_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert analyze("heads", "--out", str(tmp_path / "h"), "--seeds", "3", "--dry-run") == 0
+    printed = capsys.readouterr().out
+    titles = [line.split("] ", 1)[1] for line in printed.splitlines() if line.startswith("[") and "/" in line.split("]")[0]]
+    assert len(titles) == 3 * (5 + 2 + 7)
+    for seed in range(3):
+        for variant in ("linear", "cosine", "projection", "text-random", "text"):
+            assert f"train {variant} seed {seed}" in titles
+        for variant in ("linear", "cosine", "projection", "text-random", "text", "ranger-linear", "ranger-text"):
+            assert f"campaign {variant} seed {seed}" in titles
+        assert f"profile ranges ranger-linear seed {seed}" in titles
+    assert "--clamp profile" in printed and "--lr-per-iteration" in printed and "[report]" in printed
+    assert not (tmp_path / "h").exists()
+
+
+def test_bad_driver_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert analyze("heads", "--out", str(tmp_path), "--features", str(tmp_path / "none.pth"), "--dry-run") == 2
+    assert capsys.readouterr().err.strip().startswith("error: text features file not found")
+    assert analyze("restrict-ranges", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "r.pth")) == 2
+
+
+def test_small_experiment_runs_end_to_end_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from reference_assets import require_fashion_mnist
+
+    require_fashion_mnist()
+    out = tmp_path / "heads"
+    argv = ["heads", "--out", str(out), "--variants", "cosine", "ranger-linear", *SMALL]
+    assert analyze(*argv) == 0
+    rows = {r["variant"]: r for r in _read_csv(out / "heads_seeds.csv")}
+    assert set(rows) == {"linear", "cosine", "ranger-linear"}
+    assert float(rows["linear"]["last_layer_improvement"]) == 1.0  # the baseline against itself
+    assert rows["cosine"]["last_layers"] == "head" and rows["ranger-linear"]["last_layers"] == "linear"
+    for row in rows.values():
+        assert 0 < float(row["accuracy"]) <= 1 and float(row["last_layer_max_abs"]) > 0
+        assert row["injections_per_layer"] == "4"
+    ranger_ckpt = torch.load(out / "restricted" / "ranger-linear_seed0.pth", map_location="cpu", weights_only=True)
+    assert ranger_ckpt["meta"]["range_restriction"]["profile"]["images"] == 32
+    trained = torch.load(out / "train" / "cosine" / "seed0" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert trained["meta"]["head"] == "cosine"
+    assert trained["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)  # the schedule ended
+    assert (out / "heads.png").stat().st_size > 0 and "ranger-linear" in (out / "heads.md").read_text()
+    timed = json_of(out / "step_seconds.json")
+    assert len(timed) == 6 and all(s > 0 for s in timed.values())
+    before = (out / "heads.md").read_text()
+    capsys.readouterr()
+    assert analyze(*argv) == 0  # a rerun finds every step done and writes the same report
+    assert capsys.readouterr().out.count("done already") == 6
+    assert (out / "heads.md").read_text() == before
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
