@@ -264,11 +264,17 @@ def heads_markdown(rows: Sequence[dict[str, Any]], summaries: Sequence[dict[str,
             f"[{_g(r['overall_ci_low'])}, {_g(r['overall_ci_high'])}] | {_g(r['delta_loss'], '.4g')} | "
             f"{r['injections_per_layer']} |")
     widths = {r["seed"]: r["baseline_network_ci_halfwidth"] for r in rows if r["variant"] == BASELINE}
-    wide = [seed for seed, w in widths.items() if not w <= PRECISION_TARGET]
+    wide = [seed for seed, w in widths.items() if w > PRECISION_TARGET]
+    unknown = [seed for seed, w in widths.items() if math.isnan(w)]
+    verdict = f" (within the ±{100 * PRECISION_TARGET:.0f}% target)."
+    if wide:
+        verdict = (f" — wider than ±{100 * PRECISION_TARGET:.0f}% for seed(s) {', '.join(map(str, wide))}: more "
+                   "injections are needed for the stated precision.")
+    elif unknown:
+        verdict = " — no interval without uniform campaigns' per-fault records (faults.parquet)."
     lines += ["", "Baseline network-level ΔLoss, 99% interval half-width relative to the estimate: " + ", ".join(
-        f"seed {seed} ±{100 * w:.0f}%" for seed, w in widths.items()) + (
-        f" — wider than ±{100 * PRECISION_TARGET:.0f}% for seed(s) {', '.join(map(str, wide))}: more injections "
-        "are needed for the stated precision." if wide else f" (within the ±{100 * PRECISION_TARGET:.0f}% target).")]
+        f"seed {seed} ±{100 * w:.0f}%" if not math.isnan(w) else f"seed {seed} n/a" for seed, w in widths.items())
+        + verdict]
     if seconds:
         lines += ["", "Wall time per step (s): " + "; ".join(f"{title} {s:.0f}" for title, s in seconds.items()) + "."]
     return "\n".join(lines) + "\n"
