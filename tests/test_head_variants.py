@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -286,6 +287,21 @@ def test_dry_run_lists_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert f"profile ranges ranger-linear seed {seed}" in titles
     assert "--clamp profile" in printed and "--lr-per-iteration" in printed and "[report]" in printed
     assert not (tmp_path / "h").exists()
+    import analyze as analyze_cli
+    import inject
+    import train
+
+    parse = {"train.py": train.parse_args, "inject.py": inject.get_args_parser().parse_args,
+             "analyze.py": analyze_cli.get_args_parser().parse_args}
+    commands = [shlex.split(line.strip()[2:]) for line in printed.splitlines() if line.strip().startswith("$ ")]
+    assert len(commands) == len(titles)
+    heads = []
+    for command in commands:
+        args = parse[command[1]](command[2:])  # every listed command is valid for its script
+        if command[1] == "train.py":
+            heads.append((args.head, args.text_features is not None, args.lr_per_iteration))
+    assert sorted(set(heads)) == [("cosine", False, True), ("linear", False, True), ("projection", True, True),
+                                  ("text", False, True), ("text", True, True)]
 
 
 def test_bad_driver_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
