@@ -3,9 +3,11 @@
     python analyze.py value-ranges   --baseline A.pth --text B.pth --out DIR   (Figure 3)
     python analyze.py top2diff-sweep --baseline A.pth --text B.pth --out DIR   (Figure 4)
     python analyze.py ablation -c configs/fashion_mnist/resnet20.yaml --dataset fashion-mnist --out DIR (Table 3)
+    python analyze.py heads --out DIR --seeds 3       (head variants over seeds, against range restriction)
+    python analyze.py restrict-ranges --checkpoint A.pth --out B.pth   (Ranger-style range restriction)
 
-The first two evaluate both checkpoints on the test split; ``ablation`` trains and injects (each step
-resumes). Details: docs/analysis.md.
+The first two evaluate both checkpoints on the test split; ``ablation`` and ``heads`` train and inject
+(each step resumes). Details: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 
 import data
 import models
+from analysis import heads as head_variants
 from analysis.ablation import VARIANTS, AblationPlan, ablation_steps, ablation_table, write_ablation
-from analysis.pipeline import run_steps
+from analysis.pipeline import REPO, run_steps
+from analysis.ranger import restrict_checkpoint
 from analysis.top2diff_sweep import DEFAULT_DELTAS, accuracy_above, crossing_point, plot_sweep
 from analysis.value_ranges import plot_ranges, range_rows, write_range_csv
 from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
@@ -39,6 +43,8 @@ from resilience.storage import write_json, write_text
 MODELS = ("baseline", "text-guided")
 HEAD_OF = {"baseline": "linear", "text-guided": "text"}
 OPTION_OF = {"baseline": "baseline", "text-guided": "text"}
+HEADS_CONFIG = "configs/fashion_mnist/resnet20.yaml"  # defaults of ``heads``, relative to the repository
+HEADS_FEATURES = "text_features/assets/fashion-mnist_minilm.pth"
 
 
 class AnalysisError(UserError):
@@ -90,6 +96,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     abl.add_argument("--inject-args", default="--injections 1024 --engine fast",
                      help="extra inject.py options, one quoted string")
     abl.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+
+    hv = sub.add_parser("heads", help="head variants over training seeds, against range restriction",
+                        formatter_class=HelpFormatter)
+    hv.add_argument("-c", "--config", default=HEADS_CONFIG, help="train.py recipe")
+    hv.add_argument("--dataset", default="fashion-mnist")
+    hv.add_argument("--features", default=HEADS_FEATURES,
+                    help="text features of the text and projection heads")
+    hv.add_argument("--out", required=True, metavar="DIR")
+    hv.add_argument("--seeds", type=positive_int, default=3, metavar="N", help="training seeds 0 … N-1")
+    hv.add_argument("--epochs", type=positive_int, default=3, help="training epochs (per-iteration cosine schedule)")
+    hv.add_argument("--variants", nargs="+", choices=head_variants.VARIANTS, default=list(head_variants.VARIANTS),
+                    help="variants to run (the baseline and the models a restriction needs are added)")
+    hv.add_argument("--train-args", default="", help="extra train.py options, one quoted string")
+    hv.add_argument("--inject-args", default="--injections 4096 --engine fast --clamp profile",
+                    help="inject.py options of every campaign, one quoted string")
+    hv.add_argument("--campaign-seed", type=non_negative_int, default=0, help="fault sampling seed of every campaign")
+    hv.add_argument("--profile-images", type=positive_int, default=1024, metavar="K",
+                    help="training images of the range profiles (restriction and --clamp profile)")
+    hv.add_argument("--range-images", type=positive_int, default=2000, metavar="K",
+                    help="test images of the last layer's value range")
+    hv.add_argument("--data-path", default=None, help="dataset root (default: data.default_data_root())")
+    hv.add_argument("--dry-run", action="store_true", help="print the steps without running them")
+
+    rr = sub.add_parser("restrict-ranges", help="Ranger-style range restriction of a checkpoint",
+                        formatter_class=HelpFormatter)
+    rr.add_argument("--checkpoint", required=True, help="checkpoint to restrict (ours: it names its dataset)")
+    rr.add_argument("--out", required=True, metavar="FILE", help="the restricted model's checkpoint")
+    rr.add_argument("--images", type=positive_int, default=1024, metavar="K",
+                    help="training images of the profile (as inject.py --profile-images)")
+    rr.add_argument("--data-path", default=None, help="dataset root (default: data.default_data_root())")
+    rr.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     return parser
 
 
@@ -201,11 +238,54 @@ def ablation(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def heads(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train, restrict and inject what is missing, then write the heads report."""
+    import text_features
+
+    try:
+        train_args, inject_args = shlex.split(args.train_args), shlex.split(args.inject_args)
+    except ValueError as exc:
+        raise AnalysisError(f"--train-args/--inject-args: {exc}") from None
+    # the steps run at the repository root: paths given here are made absolute, the defaults live there
+    config, features_path = (str(REPO / path) if path == default else str(Path(path).resolve())
+                             for path, default in ((args.config, HEADS_CONFIG), (args.features, HEADS_FEATURES)))
+    for label, path in (("recipe", config), ("text features file", features_path)):
+        if not Path(path).is_file():
+            raise AnalysisError(f"{label} not found: {path}")
+    features, _ = text_features.load_text_features(Path(features_path))
+    plan = head_variants.HeadsPlan(
+        out=Path(args.out).resolve(), config=config, dataset=args.dataset, features=features_path,
+        embed_dim=int(features.shape[1]), seeds=list(range(args.seeds)), epochs=args.epochs, variants=args.variants,
+        train_args=train_args, inject_args=inject_args, campaign_seed=args.campaign_seed,
+        profile_images=args.profile_images, data_path=args.data_path and str(Path(args.data_path).resolve()),
+        range_images=args.range_images)
+    steps = head_variants.heads_steps(plan)
+    seconds = run_steps(steps, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"[report] heads_seeds.csv, heads.csv, heads.md and heads.png in {plan.out}", flush=True)
+        return []
+    head_variants.record_step_seconds(plan, steps, seconds)
+    summaries = head_variants.write_heads_report(plan)
+    print((plan.out / "heads.md").read_text(encoding="utf-8"), flush=True)
+    print(f"wrote heads_seeds.csv, heads.csv, heads.md and heads.png in {plan.out}", flush=True)
+    return summaries
+
+
+def restrict_ranges(args: argparse.Namespace) -> dict[str, float]:
+    """Profile a checkpoint on training images and save its range-restricted version."""
+    bounds = restrict_checkpoint(Path(args.checkpoint), Path(args.out), images=args.images, data_path=args.data_path,
+                                 device=resolve_device(args.device))
+    print(f"restricted {len(bounds)} conv/linear layers (largest bound {max(bounds.values()):.4g}); wrote {args.out}",
+          flush=True)
+    return bounds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand, report bad input as one ``error:`` line (exit code 2)."""
     args = get_args_parser().parse_args(argv)
-    run = {"value-ranges": value_ranges, "top2diff-sweep": top2diff_sweep, "ablation": ablation}[args.command]
-    # the ablation's training and campaigns take their arithmetic from --train-args / --inject-args
+    run = {"value-ranges": value_ranges, "top2diff-sweep": top2diff_sweep, "ablation": ablation, "heads": heads,
+           "restrict-ranges": restrict_ranges}[args.command]
+    # the ablation's and heads' training and campaigns take their arithmetic from --train-args / --inject-args
     chosen = arithmetic.from_args(args) if hasattr(args, "math") else arithmetic.STRICT_FP32
 
     def run_in_arithmetic() -> Any:

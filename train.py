@@ -26,6 +26,7 @@ from torch import nn
 
 from cli_shell import HelpFormatter, UserError, differences, non_negative_int, run_cli
 from models.device import default_workers, resolve_device
+from models.registry import HEADS, TEXT_HEADS
 from resilience.storage import write_json
 from training import config as cfg
 from training.distributed import barrier, destroy_distributed, init_distributed_mode, is_main_process
@@ -43,8 +44,6 @@ from training.optim import (
 from training.run_log import CSVLog, TensorBoardLog
 from training.samplers import RepeatedAugmentSampler, ShardSampler
 from training.seeding import make_generator, seed_everything, seed_worker
-
-HEADS = ("linear", "text")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -122,6 +121,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--lr-step-size", type=int, default=30)
     g.add_argument("--lr-gamma", type=float, default=0.1)
     g.add_argument("--lr-min", type=float, default=0.0, help="final lr of the cosine schedule")
+    g.add_argument("--lr-per-iteration", action=argparse.BooleanOptionalAction, default=False,
+                   help="step the lr schedule (warmup included) after every iteration, not every epoch: "
+                        "a cosine schedule then reaches --lr-min when the last epoch ends")
     g.add_argument("--clip-grad-norm", type=float, default=None, help="maximum gradient norm")
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     g.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
@@ -261,10 +263,10 @@ def build_loaders(args: argparse.Namespace, preset: dict[str, Any], num_classes:
 
 
 def load_features(args: argparse.Namespace, num_classes: int) -> tuple[torch.Tensor | None, dict | None]:
-    """Text features (and their metadata) for the text head; fixes ``args.embed_dim`` to their width."""
-    if args.head != "text" or not args.text_features:
-        if args.head == "text":
-            log("note: --head text without --text-features: the text projection starts from random weights")
+    """Text features (and their metadata) for a text-initialised head; fixes ``args.embed_dim`` to their width."""
+    if args.head not in TEXT_HEADS or not args.text_features:
+        if args.head in TEXT_HEADS:
+            log(f"note: --head {args.head} without --text-features: the class directions start as random unit vectors")
         if args.embed_dim is None:
             args.embed_dim = 512
         return None, None
@@ -290,7 +292,7 @@ def checkpoint_meta(args: argparse.Namespace, num_classes: int, preset: dict, fe
         "model": args.model,
         "num_classes": num_classes,
         "head": args.head,
-        "embed_dim": args.embed_dim if args.head == "text" else None,
+        "embed_dim": args.embed_dim if args.head in TEXT_HEADS else None,
         "in_chans": args.in_chans,
         "small_input": args.small_input,
         "dataset": args.dataset,
@@ -416,7 +418,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = build_optimizer(build_param_groups(model, args), args)
-    lr_scheduler = build_lr_scheduler(optimizer, args)
+    steps_per_epoch = len(train_loader) if args.lr_per_iteration and train_loader is not None else 1
+    lr_scheduler = build_lr_scheduler(optimizer, args, steps_per_epoch)
+    if steps_per_epoch > 1:
+        # after every optimizer step (a step the AMP scaler skips leaves the schedule where it is)
+        optimizer.register_step_post_hook(lambda *_: lr_scheduler.step())
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
 
     model_without_ddp = model
@@ -482,7 +488,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         train_stats = train_one_epoch(
             model, criterion, optimizer, train_loader, device, epoch, options, model_ema=model_ema, scaler=scaler
         )
-        lr_scheduler.step()
+        if steps_per_epoch == 1:
+            lr_scheduler.step()
         result = evaluate(model, test_loader, device, num_classes, desc=f"Test {epoch}", **eval_kw).result()
         row = {"epoch": epoch, "lr": lr, **train_stats}
         row.update({f"test_{k}": v for k, v in result.items()})

@@ -29,6 +29,8 @@ from torch import nn
 
 from cli_shell import UserError
 
+from .range_restriction import META_KEY as RANGE_RESTRICTION
+from .range_restriction import restrict_ranges
 from .registry import build_model, get_model_spec, list_models
 
 CHECKPOINT_FORMAT = "tgr-checkpoint/1"
@@ -341,7 +343,9 @@ def load_checkpoint(
     ``model_name`` unless the paper's ``args.model`` is inside; ``small_input`` says whether they were
     trained with the small-input adaptation (never guessed; CIFAR ResNets always are); ``dataset``
     picks the default preset (else ImageNet for 1000 classes, CIFAR-10/100 for CIFAR ResNets).
-    ``meta`` is our meta dict plus ``checkpoint_sha256``. Any problem raises ``CheckpointError``.
+    ``meta`` is our meta dict plus ``checkpoint_sha256``. A checkpoint whose meta holds
+    ``range_restriction`` gives the range-restricted model (:mod:`models.range_restriction`). Any problem
+    raises ``CheckpointError``.
     """
     path = Path(path)
     if not path.is_file():
@@ -377,6 +381,12 @@ def load_checkpoint(
     except ValueError as exc:
         raise CheckpointError(f"cannot rebuild the model of {path}: {_first_line(exc)}") from exc
     _load_state(model, state, path, meta)
+    restriction = meta.get(RANGE_RESTRICTION)
+    if restriction is not None:
+        try:
+            model = restrict_ranges(model, restriction["bounds"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"cannot restrict the ranges of {path}: {_first_line(exc)}") from exc
     if isinstance(map_location, str | torch.device):
         model.to(map_location)
     meta["checkpoint_sha256"] = sha256_file(path)

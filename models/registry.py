@@ -11,10 +11,14 @@ import torch
 from torch import nn
 
 from .swin_routing import route_window_attention
-from .text_head import TextGuidedClassifier
+from .text_head import CosineClassifier, ProjectionClassifier, TextGuidedClassifier, drop_classifier
 
 SmallInput = Literal["native", "adapted", "unsupported"]
-HEADS = ("linear", "text")
+# linear: the backbone's own Linear(B -> C); text: the paper's head; cosine: the text head without the
+# projection (normalised backbone features, scale, B -> C); projection: the text head without normalisation
+# and scale (B -> E -> C, text-initialised)
+HEADS = ("linear", "text", "cosine", "projection")
+TEXT_HEADS = ("text", "projection")  # heads initialised from class text features [C, E]
 
 
 class BackboneBuilder(Protocol):
@@ -112,18 +116,25 @@ def build_model(
     freeze_head: bool = False,
     pretrained: str | None = None,
 ) -> nn.Module:
-    """A baseline classifier (``head="linear"``) or a ``TextGuidedClassifier`` (``head="text"``).
+    """A baseline classifier (``head="linear"``) or one of the other heads of ``HEADS`` (see models.text_head).
 
     ``pretrained`` is a torchvision weights name ("DEFAULT", "IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V2")
-    or a timm pretrained tag ("DEFAULT", "ms_in1k") and is downloaded on first use. ``text_features``
-    and ``freeze_head`` only apply to the text head.
+    or a timm pretrained tag ("DEFAULT", "ms_in1k") and is downloaded on first use. ``embed_dim`` and
+    ``text_features`` apply to the heads of ``TEXT_HEADS`` (without features their class directions start
+    as random unit vectors, as the cosine head's always do); ``freeze_head`` to every head but linear.
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r} (choose from {', '.join(HEADS)})")
     options = {"in_chans": in_chans, "small_input": small_input, "pretrained": pretrained}
+    if text_features is not None and head not in TEXT_HEADS:
+        raise ValueError(f"text_features need a head initialised from text ({', '.join(TEXT_HEADS)}), not {head!r}")
     if head == "linear":
-        if text_features is not None or freeze_head:
-            raise ValueError("text_features and freeze_head need head='text'")
+        if freeze_head:
+            raise ValueError("freeze_head needs a head with class directions (head='text', 'cosine' or 'projection')")
         return build_backbone(name, num_classes, **options)
+    if head == "cosine":
+        backbone = build_backbone(name, num_classes, **options)
+        return CosineClassifier(backbone, num_classes, drop_classifier(backbone), freeze_head=freeze_head)
     backbone = build_backbone(name, embed_dim, **options)
-    return TextGuidedClassifier(backbone, num_classes, embed_dim, text_features=text_features, freeze_head=freeze_head)
+    head_class = TextGuidedClassifier if head == "text" else ProjectionClassifier
+    return head_class(backbone, num_classes, embed_dim, text_features=text_features, freeze_head=freeze_head)

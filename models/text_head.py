@@ -1,4 +1,5 @@
-"""The text-guided classifier head, its fusion into one B->C layer, and last-layer lookup."""
+"""Classifier heads (text-guided, cosine, projection), the text head's fusion into one B->C layer,
+and last-layer lookup."""
 
 from __future__ import annotations
 
@@ -43,15 +44,28 @@ def _normalized_rows(text_features: torch.Tensor | None, num_classes: int, embed
     return feats / norms[:, None]
 
 
-class TextGuidedClassifier(nn.Module):
-    """``logits = exp(min(logit_scale, log 100)) * head(f / ||f||)`` with ``f = backbone(x)``.
+def drop_classifier(backbone: nn.Module) -> int:
+    """Replace the backbone's classifier (its last ``nn.Linear``) by ``nn.Identity``; returns the feature width B."""
+    name = classifier_name(backbone)
+    width = backbone.get_submodule(name).in_features
+    backbone.set_submodule(name, nn.Identity())
+    return width
 
-    ``backbone`` ends in Linear(B -> E); ``head`` is Linear(E -> C, bias=False) initialised with the
-    L2-normalised text features (random unit rows when ``text_features`` is None). ``freeze_head=True``
-    fixes the head weight (the class directions); ``logit_scale`` stays trainable on purpose: it is the
-    softmax temperature, a single scalar the loss needs to tune whatever the directions are.
-    State-dict keys: ``backbone.*``, ``logit_scale``, ``head.weight`` (the paper repository's layout).
+
+class HeadClassifier(nn.Module):
+    """A backbone followed by ``head`` = Linear(F -> C, bias=False) whose rows start as unit vectors: the
+    L2-normalised ``text_features`` when given, else random directions (the text head's "random" init).
+
+    Subclasses say what comes between: ``projects`` (the backbone ends in a Linear(B -> E) projection,
+    F = E) and ``normalises`` (``logits = exp(min(logit_scale, log 100)) * head(f / ||f||)``; otherwise
+    ``logits = head(f)``). ``freeze_head=True`` fixes the head weight (the class directions);
+    ``logit_scale`` stays trainable on purpose: it is the softmax temperature, a single scalar the loss
+    needs to tune whatever the directions are. State-dict keys: ``backbone.*``, ``logit_scale`` (when
+    normalising), ``head.weight``.
     """
+
+    projects: bool = True
+    normalises: bool = True
 
     def __init__(
         self,
@@ -62,11 +76,13 @@ class TextGuidedClassifier(nn.Module):
         freeze_head: bool = False,
     ) -> None:
         super().__init__()
-        last = backbone.get_submodule(classifier_name(backbone))
-        if last.out_features != embed_dim:
-            raise ValueError(f"the backbone outputs {last.out_features} features but embed_dim is {embed_dim}")
+        if self.projects:
+            last = backbone.get_submodule(classifier_name(backbone))
+            if last.out_features != embed_dim:
+                raise ValueError(f"the backbone outputs {last.out_features} features but embed_dim is {embed_dim}")
         self.backbone = backbone
-        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        if self.normalises:
+            self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
         self.head = nn.Linear(embed_dim, num_classes, bias=False)
         with torch.no_grad():
             self.head.weight.copy_(_normalized_rows(text_features, num_classes, embed_dim))
@@ -78,8 +94,31 @@ class TextGuidedClassifier(nn.Module):
         return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self.backbone(x), dim=1)
-        return self.scale * self.head(features)
+        features = self.backbone(x)
+        if not self.normalises:
+            return self.head(features)
+        return self.scale * self.head(F.normalize(features, dim=1))
+
+
+class TextGuidedClassifier(HeadClassifier):
+    """The paper's text head: Linear(B -> E) at the end of the backbone, L2 normalisation, the learned
+    scale, then Linear(E -> C) initialised from the class text features (the paper repository's layout)."""
+
+    projects, normalises = True, True
+
+
+class CosineClassifier(HeadClassifier):
+    """The text head without the projection: the backbone's own features (its classifier removed,
+    ``embed_dim`` = B) L2-normalised, scaled, then Linear(B -> C) with random unit rows."""
+
+    projects, normalises = False, True
+
+
+class ProjectionClassifier(HeadClassifier):
+    """The text head without normalisation and scale: Linear(B -> E), then Linear(E -> C) initialised from
+    the class text features; the fused text head's shape, trained as such."""
+
+    projects, normalises = True, False
 
 
 def fuse_text_head(model: TextGuidedClassifier) -> nn.Module:
@@ -109,12 +148,19 @@ def fuse_text_head(model: TextGuidedClassifier) -> nn.Module:
 
 
 def last_layer_names(model: nn.Module) -> list[str]:
-    """The classifier's last layer(s): ``["fc"]`` for a baseline, ``["backbone.fc", "head"]`` for a text model.
+    """The classifier's last layer(s): ``["fc"]`` for a baseline, ``["head"]`` for a cosine classifier,
+    ``["backbone.fc", "head"]`` for a text or projection head.
 
-    A text model found inside a wrapper (DDP, EMA) is reported with the wrapper's prefix.
+    A head found inside a wrapper (DDP, EMA) is reported with the wrapper's prefix; a model that records
+    its own (``model.meta["last_layers"]``, the range-restricted copies of :mod:`models.range_restriction`)
+    is taken at its word.
     """
+    recorded = getattr(model, "meta", None)
+    if isinstance(recorded, dict) and "last_layers" in recorded:
+        return list(recorded["last_layers"])
     for prefix, module in model.named_modules():
-        if isinstance(module, TextGuidedClassifier):
-            p = f"{prefix}." if prefix else ""
-            return [f"{p}backbone.{classifier_name(module.backbone)}", f"{p}head"]
+        p = f"{prefix}." if prefix else ""
+        if isinstance(module, HeadClassifier):
+            projection = [f"{p}backbone.{classifier_name(module.backbone)}"] if module.projects else []
+            return [*projection, f"{p}head"]
     return [classifier_name(model)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .text_head import TextGuidedClassifier
+from .text_head import HeadClassifier
 
 NORM_CLASSES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -23,14 +23,14 @@ def param_groups(
 ) -> list[dict]:
     """Groups ``{"params": [...], "weight_decay": wd}`` for ``torch.optim`` (empty groups left out).
 
-    Precedence as in torchvision: the text head's ``logit_scale`` (never decayed: decay would pull the
+    Precedence as in torchvision: the text and cosine heads' ``logit_scale`` (never decayed: decay would pull the
     temperature towards exp(0) = 1, i.e. flat softmax outputs), then parameters named ``bias`` when
     ``bias_weight_decay`` is set, then parameters of normalisation layers when ``norm_weight_decay`` is
     set, then everything else at ``weight_decay``. Frozen parameters (``requires_grad=False``) are left
-    out. Only the text head's temperature is special: e.g. Swin-V2's attention ``logit_scale``
+    out. Only the head's temperature is special: e.g. Swin-V2's attention ``logit_scale``
     parameters follow the ordinary rules, as in torchvision's recipes.
     """
-    temperatures = {id(m.logit_scale) for m in model.modules() if isinstance(m, TextGuidedClassifier)}
+    temperatures = {id(m.logit_scale) for m in model.modules() if isinstance(m, HeadClassifier) and m.normalises}
     groups: dict[str, list[nn.Parameter]] = {"other": [], "norm": [], "bias": [], "no_decay": []}
     seen: set[int] = set()  # a parameter shared by two modules may only enter one group
     for module in model.modules():

@@ -66,18 +66,27 @@ def build_optimizer(params: list[dict], args: argparse.Namespace) -> torch.optim
     raise ValueError(f"unknown optimizer {args.opt!r} (choose from {', '.join(OPTIMIZERS)})")
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: optional warmup (``lr_warmup_epochs``) followed by the main schedule."""
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int = 1
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Optional warmup (``lr_warmup_epochs``) followed by the main schedule, stepped ``steps_per_epoch``
+    times per epoch: 1 (the default) steps once per epoch; the number of iterations per epoch steps after
+    every iteration, so that a cosine schedule reaches ``lr_min`` exactly when the last epoch ends."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
     name = args.lr_scheduler.lower()
-    warmup = max(0, args.lr_warmup_epochs)
+    warmup = max(0, args.lr_warmup_epochs) * steps_per_epoch
     if name == "steplr":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+        main = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=args.lr_step_size * steps_per_epoch, gamma=args.lr_gamma
+        )
     elif name == "cosineannealinglr":
         main = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, args.epochs - warmup), eta_min=args.lr_min
+            optimizer, T_max=max(1, args.epochs * steps_per_epoch - warmup), eta_min=args.lr_min
         )
     elif name == "exponentiallr":
-        main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_gamma)
+        # the per-epoch factor spread evenly over the epoch's iterations
+        main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_gamma ** (1 / steps_per_epoch))
     else:
         raise ValueError(f"unknown lr scheduler {args.lr_scheduler!r} (choose from {', '.join(SCHEDULERS)})")
     if warmup == 0:
