@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from resilience.bitflip import NumberFormat, get_format
 from resilience.engines import get_engine
 from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
 from resilience.golden import Golden
+from resilience.intervals import uniform_layer_interval
 from resilience.layers import LayerInfo, select_layers
 from resilience.metrics import CONFIDENCE, LayerStats, score_faults, summarize
 from resilience.sampling import leveugle_n, sample_sites
@@ -470,12 +471,16 @@ def run_units(
 def layer_rows(cdir: UniformCampaign, faults: pa.Table) -> list[dict[str, Any]]:
     """One summary row per layer (plan order)."""
     layer_col = faults.column("layer").to_numpy(zero_copy_only=False)
-    delta, finite, mismatch = (faults.column(c).to_numpy() for c in ("delta_loss", "finite", "mismatch"))
+    delta, finite, mismatch, bit = (faults.column(c).to_numpy() for c in ("delta_loss", "finite", "mismatch", "bit"))
+    bits = cdir.config.fault_format.bits
     clamp = cdir.record.get("clamp_max") or {}
     rows = []
     for plan in cdir.plans:
         mask = layer_col == plan.name
         stats: LayerStats = summarize(delta[mask], finite[mask], mismatch[mask], CONFIDENCE)
+        # the normal interval undercovers heavy-tailed ΔLoss: report the bit-post-stratified Hall interval
+        low, high = uniform_layer_interval(delta[mask], finite[mask], bit[mask], bits, CONFIDENCE)
+        stats = replace(stats, ci_low=low, ci_high=high)
         row = {
             "layer": plan.name,
             "order": plan.order,
