@@ -76,3 +76,9 @@ def clamp_to_profile(values: torch.Tensor, max_abs: torch.Tensor | float) -> tor
     max_abs = torch.as_tensor(max_abs, dtype=values.dtype, device=values.device)
     clamped = torch.maximum(torch.minimum(values, max_abs), -max_abs)
     return torch.where(torch.isnan(values), max_abs.expand_as(values), clamped)
+
+
+def largest_finite_magnitude(logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest |value| among the finite ones (0 when none is), float64: the scale of the
+    rounding error two summation orders leave in a row of logits."""
+    return logits.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().amax(dim=1)

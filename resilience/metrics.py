@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from resilience.bitflip import largest_finite_magnitude
 from resilience.sampling import z_value
 
 CONFIDENCE = 0.99
@@ -71,7 +72,7 @@ def score_faults(
         faulty_pred=pred,
         mismatch=pred != golden_pred,
         faulty_top2diff=top2diff(faulty_logits),
-        logit_scale=faulty_logits.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().amax(dim=1),
+        logit_scale=largest_finite_magnitude(faulty_logits),
         top_gap=faulty_logits.double().topk(2, dim=1).values.diff(dim=1).neg().squeeze(1),
     )
 
