@@ -78,6 +78,17 @@ def test_cosine_head_has_no_projection_and_bounded_initial_logits() -> None:
     assert logits.abs().max() <= model.scale * (1 + 1e-5)
 
 
+def test_cosine_head_gives_positive_features_no_common_class_preference() -> None:
+    """Post-ReLU features share the all-ones direction; the random class rows are orthogonal to it, so a
+    feature along it scores every class alike (no confident wrong start that would collapse the scale)."""
+    model = build("cosine").eval()
+    rows = model.head.weight.detach()
+    assert rows.sum(dim=1).abs().max() < 1e-5
+    with torch.no_grad():
+        logits = model.scale * model.head(torch.nn.functional.normalize(torch.ones(1, 64), dim=1))
+    assert logits.abs().max() < 1e-4 * model.scale
+
+
 def test_normalisation_sets_the_heads_apart() -> None:
     """Scaling the projection's output leaves the text head's logits unchanged and scales the projection head's."""
     logits = {}
