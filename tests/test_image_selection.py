@@ -112,14 +112,15 @@ def write_fault_list(path: Path) -> Path:
 
 @pytest.mark.parametrize("fault_model", ["weight-bitflip", "weight-bitflip-transient"])
 def test_inject_weights_evaluates_exactly_the_subset(split: RecordingSplit, checkpoint: Path, tmp_path: Path,
-                                                     fault_model: str) -> None:
+                                                     fault_model: str, capsys: pytest.CaptureFixture[str]) -> None:
     import inject
 
     fault_list = write_fault_list(tmp_path / "fl.csv")
     out = tmp_path / "wf"
-    assert inject.main(["weights", "--fault-model", fault_model, "--fault-list", str(fault_list),
-                        "--checkpoint", str(checkpoint), "--max-images", str(K), "--out", str(out),
-                        "--device", "cpu", "--no-progress", "-j", "0", "-b", "8", "--chunk-images", "8"]) == 0
+    argv = ["weights", "--fault-model", fault_model, "--fault-list", str(fault_list), "--checkpoint", str(checkpoint),
+            "--max-images", str(K), "--out", str(out), "--device", "cpu", "--no-progress", "-j", "0", "-b", "8",
+            "--chunk-images", "8"]
+    assert inject.main(argv) == 0
     assert split.read == expected_ids()
     table = pd.read_csv(out / "faults.csv")
     if fault_model == "weight-bitflip":
@@ -136,3 +137,10 @@ def test_inject_weights_evaluates_exactly_the_subset(split: RecordingSplit, chec
     else:
         hit = transient_images(len(table), K, 0, list(range(len(table))))  # positions within the subset
         assert table["image"].tolist() == evaluated_ids(SPLIT, K)[hit].tolist()  # written as split ids
+        # a folder written when --max-images meant the first K images is not taken for this run
+        for name in ("run.json", "summary.json"):
+            record = json.loads((out / name).read_text())
+            del record["config"]["image_subset"]
+            (out / name).write_text(json.dumps(record))
+        assert inject.main(argv) == 2
+        assert "image_subset" in capsys.readouterr().err

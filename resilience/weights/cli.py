@@ -217,6 +217,9 @@ def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, An
         "seed": args.seed if args.fault_model in TRANSIENT_FAULT_MODELS else None, "max_images": args.max_images,
         "arithmetic": arith.describe(),
     }
+    if args.max_images is not None:
+        # runs written when --max-images meant "the first K images" lack this key, so they are not taken as done
+        config["image_subset"] = "evaluated_ids"
     out = Path(args.out or f"runs/weights_{meta.get('model')}_{Path(args.fault_list).stem}_{args.fault_model}")
     previous = _finished_run(out)
     if previous is not None and previous.get("config") == config:
