@@ -144,3 +144,16 @@ def test_inject_weights_evaluates_exactly_the_subset(split: RecordingSplit, chec
             (out / name).write_text(json.dumps(record))
         assert inject.main(argv) == 2
         assert "image_subset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("memory_limit", [0, 1 << 20])
+def test_chunks_and_chunked_batches_follow_id_order(memory_limit: int) -> None:
+    x, y = torch.randn(12, 1, 4, 4), torch.arange(12) % 3
+    ids = torch.tensor([0, 2, 3, 5, 8, 11])
+    images = EvaluatedImages(torch.utils.data.TensorDataset(x, y), ids, memory_limit=memory_limit)
+    assert len(images) == 6
+    chunk_x, chunk_y = images.chunk(1, 4)
+    assert torch.equal(chunk_x, x[[2, 3, 5]]) and torch.equal(chunk_y, y[[2, 3, 5]])
+    batches = list(images.batches(2, chunk_size=3))  # a weight-fault run's composition: 2+1 per chunk of 3
+    assert [len(b) for b, _ in batches] == [2, 1, 2, 1]
+    assert torch.equal(torch.cat([b for b, _ in batches]), x[ids])
