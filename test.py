@@ -21,15 +21,7 @@ import torch.utils.data
 import data
 import models
 import text_features
-from cli_shell import (
-    MAX_IMAGES_HELP,
-    HelpFormatter,
-    OldSpelling,
-    UserError,
-    non_negative_int,
-    positive_int,
-    run_cli,
-)
+from cli_shell import MAX_IMAGES_HELP, HelpFormatter, OldSpelling, UserError, positive_int, run_cli
 from models.device import default_workers, resolve_device
 from resilience import arithmetic
 from resilience.golden import evaluated_subset
@@ -74,7 +66,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--max-images", type=positive_int, default=None, metavar="K", help=MAX_IMAGES_HELP)
     g.add_argument("--subset", dest="max_images", type=positive_int, action=OldSpelling, help=argparse.SUPPRESS,
                    note="--subset is now spelled --max-images (the spelling used keeps working)")
-    g.add_argument("--seed", type=non_negative_int, action=OldSpelling, help=argparse.SUPPRESS,
+    g.add_argument("--seed", type=int, action=OldSpelling, help=argparse.SUPPRESS,
                    note="--seed no longer applies: --max-images is one fixed subset; ignored")
     g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="small-input stem (default: the checkpoint's)")
