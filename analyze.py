@@ -30,7 +30,7 @@ from analysis.pipeline import REPO, run_steps
 from analysis.ranger import restrict_checkpoint
 from analysis.top2diff_sweep import DEFAULT_DELTAS, accuracy_above, crossing_point, plot_sweep
 from analysis.value_ranges import plot_ranges, range_rows, write_range_csv
-from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
+from cli_shell import MAX_IMAGES_HELP, HelpFormatter, UserError, non_negative_int, positive_int, run_cli
 from models.checkpoint import require_head
 from models.device import resolve_device
 from resilience import arithmetic
@@ -58,7 +58,7 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--dataset", default=None, help="dataset (default: the checkpoints')")
     parser.add_argument("--data-path", default=None, help="dataset root (default: data.default_data_root())")
-    parser.add_argument("--max-images", type=positive_int, default=None, metavar="K", help="K test images (a fixed random subset, as inject.py --max-images)")
+    parser.add_argument("--max-images", type=positive_int, default=None, metavar="K", help=MAX_IMAGES_HELP)
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--allow-unsafe-checkpoint", dest="allow_unsafe", action="store_true",

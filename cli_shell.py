@@ -49,6 +49,23 @@ def run_cli(main: Callable[[], Any]) -> int:
     return code if isinstance(code, int) else 0
 
 
+MAX_IMAGES_HELP = ("evaluate K images of the split: the same fixed random subset (resilience.golden.evaluated_ids) "
+                   "in every command that takes it; default: all")
+
+
+class OldSpelling(argparse.Action):
+    """An option kept for older command lines: stores its value under ``dest`` and prints ``note`` once."""
+
+    def __init__(self, option_strings: list[str], dest: str, note: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.note = note
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"note: {self.note}", file=sys.stderr, flush=True)
+        setattr(namespace, self.dest, values)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _bounded_int(text, 1)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data
 import models
-from cli_shell import HelpFormatter, non_negative_int, positive_int, regex, run_cli
+from cli_shell import MAX_IMAGES_HELP, HelpFormatter, non_negative_int, positive_int, regex, run_cli
 from models.device import resolve_device
 from resilience import arithmetic
 from resilience.bitflip import FORMATS, get_format
@@ -136,7 +136,7 @@ def add_neuron_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
     g.add_argument("--data-path", default=None, help="dataset root (default: data.default_data_root())")
     g.add_argument("--max-images", type=positive_int, default=None, metavar="K",
-                   help="evaluate K images of the split (a fixed permutation, the same for every model and seed)")
+                   help=MAX_IMAGES_HELP)
     g.add_argument("--golden", choices=GOLDEN_MODES, default="correct",
                    help="images faults may hit: correctly classified with Top2Diff > 0, or all")
     g.add_argument("-j", "--workers", type=non_negative_int, default=2, help="data-loading workers")

@@ -21,9 +21,10 @@ import torch.utils.data
 import data
 import models
 import text_features
-from cli_shell import HelpFormatter, UserError, non_negative_int, positive_int, run_cli
+from cli_shell import MAX_IMAGES_HELP, HelpFormatter, OldSpelling, UserError, positive_int, run_cli
 from models.device import default_workers, resolve_device
 from resilience import arithmetic
+from resilience.golden import evaluated_subset
 from resilience.storage import atomic_write, write_json
 from training.distributed import destroy_distributed, init_distributed_mode, is_main_process
 from training.engine import evaluate
@@ -62,8 +63,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="data-loading processes (default: up to 4, at most the CPU cores)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--amp", action="store_true", help="mixed precision inference")
-    g.add_argument("--subset", type=positive_int, default=None, metavar="K", help="evaluate K randomly chosen images")
-    g.add_argument("--seed", type=non_negative_int, default=10, help="seed of --subset")
+    g.add_argument("--max-images", type=positive_int, default=None, metavar="K", help=MAX_IMAGES_HELP)
+    g.add_argument("--subset", dest="max_images", type=positive_int, action=OldSpelling, help=argparse.SUPPRESS,
+                   note="--subset is now spelled --max-images (the spelling used keeps working)")
+    g.add_argument("--seed", type=int, action=OldSpelling, help=argparse.SUPPRESS,
+                   note="--seed no longer applies: --max-images is one fixed subset; ignored")
     g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="small-input stem (default: the checkpoint's)")
     g.add_argument("--val-resize-size", type=int, default=None, help="override the preset's resize size")
@@ -168,9 +172,7 @@ def _evaluate(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[st
     split = "test" if args.split == "val" else args.split
     test_set = data.build_dataset(dataset, split, args.data_path, preset=preset, model_name=meta.get("model"),
                                   small_input=bool(meta.get("small_input")))
-    if args.subset is not None and args.subset < len(test_set):
-        g = torch.Generator().manual_seed(args.seed)
-        test_set = torch.utils.data.Subset(test_set, torch.randperm(len(test_set), generator=g)[: args.subset].tolist())
+    test_set = evaluated_subset(test_set, args.max_images)
     loader = torch.utils.data.DataLoader(
         test_set,
         batch_size=args.batch_size,

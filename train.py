@@ -24,9 +24,10 @@ import torch.utils.data
 import yaml
 from torch import nn
 
-from cli_shell import HelpFormatter, UserError, differences, non_negative_int, run_cli
+from cli_shell import MAX_IMAGES_HELP, HelpFormatter, UserError, differences, non_negative_int, run_cli
 from models.device import default_workers, resolve_device
 from models.registry import HEADS, TEXT_HEADS
+from resilience.golden import evaluated_subset
 from resilience.storage import write_json
 from training import config as cfg
 from training.distributed import barrier, destroy_distributed, init_distributed_mode, is_main_process
@@ -64,8 +65,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="download the dataset when it is missing")
     g.add_argument("--train-subset", type=int, default=None, metavar="K",
                    help="train on K randomly chosen training images (quick runs)")
-    g.add_argument("--test-subset", type=int, default=None, metavar="K",
-                   help="evaluate on K randomly chosen test images (quick runs)")
+    g.add_argument("--max-images", "--test-subset", dest="test_subset", type=int, default=None, metavar="K",
+                   help=MAX_IMAGES_HELP)
     g.add_argument("-j", "--workers", type=int, default=default_workers(),
                    help="data-loading processes per GPU/process (default: up to 4, at most the CPU cores)")
     g.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's preset)")
@@ -160,10 +161,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("train_subset", "test_subset"):
+    for name, option in (("train_subset", "--train-subset"), ("test_subset", "--max-images")):
         value = getattr(args, name)
         if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(f"{option} must be at least 1")
     if args.scale_lr and not args.lr_base_batch:
         parser.error("--scale-lr needs --lr-base-batch (the total batch size the recipe's lr was tuned for)")
     return args
@@ -216,7 +217,7 @@ def build_loaders(args: argparse.Namespace, preset: dict[str, Any], num_classes:
     if args.download:
         common["download"] = True
     test_set = data.build_dataset(args.dataset, "test", root, preset=preset, **common)
-    test_set = random_subset(test_set, args.test_subset, args.seed + 1)
+    test_set = evaluated_subset(test_set, args.test_subset)
     train_set = None
     if not args.test_only:
         # the evaluation preset is the training base, so both normalise and size inputs alike

@@ -67,7 +67,7 @@ def ablation_steps(plan: AblationPlan) -> list[Step]:
             steps.append(Step(f"{variant} text features", build, plan.features(variant)))
             train += ["--head", "text", "--text-features", str(plan.features(variant))]
         steps.append(Step(f"train {variant}", train, plan.train_dir(variant) / "final_metrics.json"))
-        inject = ["inject.py", "--checkpoint", str(plan.train_dir(variant) / "checkpoint.pth"),
+        inject = ["inject.py", "neurons", "--checkpoint", str(plan.train_dir(variant) / "checkpoint.pth"),
                   "--dataset", plan.dataset, "--seed", str(plan.seed), "--out", str(plan.campaign_dir(variant)),
                   *plan.inject_args]
         steps.append(Step(f"campaign {variant}", inject, plan.campaign_dir(variant) / "summary.json"))

@@ -119,7 +119,7 @@ def heads_steps(plan: HeadsPlan) -> list[Step]:
                         *plan.data_args()]
             steps.append(Step(f"profile ranges {variant} seed {seed}", restrict, plan.checkpoint(variant, seed)))
         for variant in plan.variants:
-            inject = ["inject.py", "--checkpoint", str(plan.checkpoint(variant, seed)), "--dataset", plan.dataset,
+            inject = ["inject.py", "neurons", "--checkpoint", str(plan.checkpoint(variant, seed)), "--dataset", plan.dataset,
                       "--seed", str(plan.campaign_seed), "--profile-images", str(plan.profile_images),
                       "--out", str(plan.campaign_dir(variant, seed)), *plan.data_args(), *plan.inject_args]
             steps.append(Step(f"campaign {variant} seed {seed}", inject, plan.campaign_dir(variant, seed) / "summary.json"))

@@ -1,19 +1,18 @@
-"""The golden (fault-free) pass: evaluated images, golden logits, the golden set, image sources.
+"""The evaluated images and their golden (fault-free) pass, shared by neuron and weight faults.
 
-Image ids are indices into the evaluated split. ``--max-images K`` evaluates K images drawn by a fixed
-permutation of the split (the same for every seed and model, so campaigns on two models always see
-the same images; a plain "first K" would keep only a few classes of class-sorted splits such as
-ImageNet's validation folder).
-"""
+Image ids are indices into the evaluated split. ``--max-images K`` means the same in every command
+(``inject.py neurons|weights``, ``test.py``, ``train.py``, ``analyze.py``): the K images
+:func:`evaluated_ids` draws by a fixed permutation of the split (the same for every seed and model, so
+campaigns on two models always see the same images; a plain "first K" would keep only a few classes
+of class-sorted splits such as ImageNet's validation folder)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.utils.data
-from torch import nn
 
 from resilience.bitflip import NumberFormat
 from resilience.metrics import cross_entropy, predictions, top2diff
@@ -30,6 +29,13 @@ def evaluated_ids(split_size: int, max_images: int | None) -> torch.Tensor:
         raise ValueError("--max-images must be at least 1")
     generator = torch.Generator().manual_seed(SUBSET_SEED)
     return torch.randperm(split_size, generator=generator)[:max_images].sort().values
+
+
+def evaluated_subset(dataset: torch.utils.data.Dataset, max_images: int | None) -> torch.utils.data.Dataset:
+    """``dataset`` restricted to :func:`evaluated_ids` (the dataset itself when all images are evaluated)."""
+    if max_images is None:
+        return dataset
+    return torch.utils.data.Subset(dataset, evaluated_ids(len(dataset), max_images).tolist())  # type: ignore[arg-type]
 
 
 class TensorImageSource:
@@ -72,7 +78,11 @@ def iterate_split(
 
 
 class EvaluatedImages:
-    """The evaluated images of a dataset: held in memory up to ``memory_limit`` bytes, else read on demand."""
+    """The evaluated images of a split, by id: held in memory up to ``memory_limit`` bytes, else read on demand.
+
+    Neuron engines fetch images by id (:meth:`images`, the ``ImageSource`` protocol); golden passes and
+    weight-fault runs walk them in id order (:meth:`batches`, :meth:`chunk`).
+    """
 
     def __init__(
         self, dataset: torch.utils.data.Dataset, ids: torch.Tensor, *, workers: int = 0, memory_limit: int = 2 << 30
@@ -86,18 +96,41 @@ class EvaluatedImages:
             self.memory = torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
             self.source = TensorImageSource(ids, self.memory[0])
 
+    @classmethod
+    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor) -> EvaluatedImages:
+        """Images and labels already in memory, with ids ``0..len(images)-1``."""
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        return cls(torch.utils.data.TensorDataset(images, labels.long()), torch.arange(len(images)))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
     def images(self, ids: torch.Tensor) -> torch.Tensor:
         """Images ``ids`` (split indices) stacked into one batch."""
         return self.source.images(ids)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """All evaluated (images, labels) in id order."""
-        if self.memory is None:
+    def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of the evaluated images at positions ``start:stop`` (id order)."""
+        if self.memory is not None:
+            images, labels = self.memory
+            return images[start:stop], labels[start:stop]
+        ids = self.ids[start:stop]
+        return next(iterate_split(self.dataset, ids, max(1, len(ids)), self.workers))
+
+    def batches(self, batch_size: int, chunk_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """All evaluated (images, labels) in id order; with ``chunk_size``, batches restart at every chunk.
+
+        ``chunk_size`` reproduces the batch composition of a run that walks the images chunk by chunk
+        (weight faults), which the last bits of the outputs depend on.
+        """
+        if self.memory is None and chunk_size is None:
             yield from iterate_split(self.dataset, self.ids, batch_size, self.workers)
             return
-        images, labels = self.memory
-        for i in range(0, len(images), batch_size):
-            yield images[i : i + batch_size], labels[i : i + batch_size]
+        step = chunk_size or len(self)
+        for start in range(0, len(self), step):
+            images, labels = self.chunk(start, start + step)
+            yield from zip(images.split(batch_size), labels.split(batch_size), strict=True)
 
 
 @dataclass
@@ -134,16 +167,23 @@ class Golden:
 
 @torch.no_grad()
 def golden_pass(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     ids: torch.Tensor,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     fmt: NumberFormat,
     device: torch.device | str,
+    *,
+    keep_dtype: bool = False,
 ) -> Golden:
-    """Run ``model`` (already in ``fmt`` on ``device``) over (images, labels) batches of the images ``ids``."""
+    """Run ``model`` (already in ``fmt`` on ``device``) over (images, labels) batches of the images ``ids``.
+
+    Logits are stored as float32 on the CPU; ``keep_dtype`` keeps the dtype the model outputs (under
+    autocast a 16-bit one), for callers that compare faulty logits with the golden ones bit for bit.
+    """
     logits, labels = [], []
     for images, targets in batches:
-        logits.append(model(images.to(device, fmt.dtype)).float().cpu())
+        out = model(images.to(device, fmt.dtype))
+        logits.append((out if keep_dtype else out.float()).cpu())
         labels.append(torch.as_tensor(targets).long())
     if not logits:
         raise ValueError("no images to evaluate")

@@ -1,8 +1,8 @@
 """Fast against reference engine: one neuron-fault campaign through both, speed and agreement.
 
-    .venv/bin/python scripts/bench_inject.py --model resnet20 --dataset fashion-mnist --images 32 --injections 256
-    .venv/bin/python scripts/bench_inject.py --checkpoint runs/fm_resnet20_linear/checkpoint.pth --images 32
-    .venv/bin/python scripts/bench_inject.py --model resnet50 --input-size 224 --images 8 --injections 256
+    .venv/bin/python scripts/bench_inject.py --model resnet20 --dataset fashion-mnist --max-images 32 --injections 256
+    .venv/bin/python scripts/bench_inject.py --checkpoint runs/fm_resnet20_linear/checkpoint.pth --max-images 32
+    .venv/bin/python scripts/bench_inject.py --model resnet50 --input-size 224 --max-images 8 --injections 256
 
 Both engines get the same fault sites (drawn per layer from (seed, layer) as a campaign does), layer
 by layer, reference first, so that both see the same machine conditions. Prints per layer and in total
@@ -65,7 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default=None, help="test split to read (default: random inputs)")
     g.add_argument("--data-path", default=None)
     g.add_argument("--input-size", type=int, default=224, help="side of random inputs")
-    g.add_argument("--images", type=int, default=16, metavar="K", help="evaluated images")
+    g.add_argument("--max-images", "--images", dest="images", type=int, default=16, metavar="K",
+                   help="evaluated images: with --dataset the fixed subset of every command's --max-images, "
+                        "else K random inputs")
     g.add_argument("--golden", choices=("correct", "all"), default=None,
                    help="images faults may hit (default: correct with a checkpoint, all with random weights)")
     g = parser.add_argument_group("faults")
@@ -142,7 +144,7 @@ def flops_per_fault(engine: Any, layer: LayerInfo, sites: FaultSites, source: An
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.images < 1 or args.injections < 1 or args.batch_size < 1 or args.cache_mb < 1:
-        raise SystemExit("error: --images, --injections, --batch-size and --cache-mb must be at least 1")
+        raise SystemExit("error: --max-images, --injections, --batch-size and --cache-mb must be at least 1")
     if args.flop_faults < 0:
         raise SystemExit("error: --flop-faults must be at least 0")
     if args.threads:

@@ -83,8 +83,8 @@ def run_campaigns(checkpoint: str, out: Path, opts: argparse.Namespace) -> tuple
         [*common, "--out", str(uniform), "--injections", str(opts.uniform_cap)],
     ]
     for argv in runs:
-        if inject.main(argv) != 0:
-            raise CampaignError(f"inject.py {' '.join(argv)} failed")
+        if inject.main(["neurons", *argv]) != 0:
+            raise CampaignError(f"inject.py neurons {' '.join(argv)} failed")
     return stratified, uniform
 
 

@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli_shell import UserError, run_cli  # noqa: E402
 from models.device import resolve_device  # noqa: E402
+from resilience.bitflip import format_of  # noqa: E402
+from resilience.golden import EvaluatedImages, evaluated_ids  # noqa: E402
 from resilience.weights.cli import (  # noqa: E402
     add_model_arguments,
     evaluation_preset,
@@ -36,9 +38,8 @@ from resilience.weights.cli import (  # noqa: E402
 )
 from resilience.weights.fault_list import read_fault_list, validate_fault_list  # noqa: E402
 from resilience.weights.faults import FAULT_MODELS, fault_values  # noqa: E402
-from resilience.weights.images import DatasetImageSet  # noqa: E402
 from resilience.weights.report import fault_table, write_outputs  # noqa: E402
-from resilience.weights.runner import compute_golden, run_weight_faults  # noqa: E402
+from resilience.weights.runner import run_weight_faults, weight_golden  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser, checkpoint_required=True)
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--data-path", default=None)
-    parser.add_argument("--max-images", type=int, default=1000, metavar="M")
+    parser.add_argument("--max-images", type=int, default=1000, metavar="K",
+                        help="K test images: the fixed random subset of every command's --max-images")
     parser.add_argument("--preset-from", default=None, metavar="DATASET")
     parser.add_argument("-b", "--batch-size", type=int, default=128)
     parser.add_argument("--chunk-images", type=int, default=256, help="delta runner's activation cache chunk")
@@ -86,22 +88,22 @@ def main(args: argparse.Namespace) -> dict:
     rows = range(k) if args.select == "first" else np.linspace(0, len(full) - 1, k).round().astype(int).tolist()
     fault_list = full.select(rows)
     preset = evaluation_preset(args, meta, dataset)
-    images = DatasetImageSet(data.build_dataset(dataset, "test", args.data_path, preset=preset),
-                             limit=args.max_images, workers=args.workers).materialize()
+    split = data.build_dataset(dataset, "test", args.data_path, preset=preset)
+    images = EvaluatedImages(split, evaluated_ids(len(split), args.max_images), workers=args.workers)
     model.to(device)
     faults = fault_list.faults
     print(f"{len(faults)} faults ({args.select}) of {args.fault_list}, {args.fault_model}, on {meta.get('model')}; "
           f"{len(images)} {dataset} test images as {preset['channels']}x{preset['crop_size']}x{preset['crop_size']} "
           f"(preset {args.preset_from or dataset}); {torch.get_num_threads()} threads, {device}", flush=True)
-    (golden, labels), t_golden, _ = timed(lambda: compute_golden(model, images, batch_size=args.batch_size,
-                                                                 device=device))
+    golden, t_golden, _ = timed(lambda: weight_golden(model, images, format_of(next(model.parameters()).dtype),
+                                                      batch_size=args.batch_size, device=device))
     print(f"golden pass: {t_golden:.1f} s ({len(images) / t_golden:.0f} images/s)", flush=True)
     delta, t_delta, c_delta = timed(lambda: run_weight_faults(
-        model, faults, images, golden, labels, fault_model=args.fault_model, method="delta",
+        model, faults, images, golden, fault_model=args.fault_model, method="delta",
         chunk_images=args.chunk_images, batch_size=args.batch_size, show_progress=sys.stderr.isatty()))
     print(f"delta runner: {t_delta:.1f} s, {len(faults) / t_delta:.2f} faults/s", flush=True)
     sfi, t_sfi, c_sfi = timed(lambda: run_weight_faults(
-        model, faults, images, golden, labels, fault_model=args.fault_model, method="forward",
+        model, faults, images, golden, fault_model=args.fault_model, method="forward",
         chunk_images=len(images), batch_size=args.batch_size, show_progress=sys.stderr.isatty()))
     print(f"SFI loop: {t_sfi:.1f} s, {len(faults) / t_sfi:.2f} faults/s", flush=True)
 

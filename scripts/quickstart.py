@@ -105,7 +105,7 @@ def quickstart_steps(args: argparse.Namespace, out: Path, features: Path) -> lis
             "--device", args.device, "--output-dir", str(train_dir), "--resume", "auto", *text],
             train_dir / "final_metrics.json"))
         steps.append(Step(f"fault-injection campaign on the {label} model ({engine} engine)", [
-            "inject.py", "--checkpoint", str(train_dir / "checkpoint.pth"), "--injections", str(args.injections),
+            "inject.py", "neurons", "--checkpoint", str(train_dir / "checkpoint.pth"), "--injections", str(args.injections),
             "--max-images", str(args.max_images), "--engine", engine, "--clamp", args.clamp, "--seed", str(args.seed),
             "--device", args.device, "--out", str(campaign)], campaign / "summary.json"))
     pair = ["--baseline", str(out / "train_linear/checkpoint.pth"), "--text", str(out / "train_text/checkpoint.pth"),

@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import models  # noqa: E402
 from resilience import arithmetic  # noqa: E402
+from resilience.bitflip import FORMATS  # noqa: E402
+from resilience.golden import EvaluatedImages, evaluated_ids  # noqa: E402
 from resilience.weights.fault_list import FaultList, read_fault_list  # noqa: E402
 from resilience.weights.faults import fault_values  # noqa: E402
-from resilience.weights.images import TensorImageSet  # noqa: E402
-from resilience.weights.runner import METHODS, compute_golden, run_weight_faults  # noqa: E402
+from resilience.weights.runner import METHODS, run_weight_faults, weight_golden  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 THEIR_IMAGES = 10_000
@@ -54,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", default=None, metavar="REGEX", help="only rows whose Layer matches")
     parser.add_argument("--max-bit", type=int, default=None, metavar="B", help="only rows with Bit <= B")
     parser.add_argument("--limit", type=int, default=None, metavar="F", help="at most F rows (after the filters)")
-    parser.add_argument("--max-images", type=int, default=None, metavar="M", help="the first M of the 932 images")
+    parser.add_argument("--max-images", type=int, default=None, metavar="K",
+                        help="K of the 932 images: a fixed random subset (resilience.golden.evaluated_ids)")
     parser.add_argument("--method", choices=METHODS, default="delta")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, metavar="DIR", help="write faults.csv and report.json here")
@@ -62,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_images(reference: Path, limit: int | None = None) -> TensorImageSet:
+def load_images(reference: Path, limit: int | None = None) -> EvaluatedImages:
     """The 932 genuine CIFAR-10 test images, normalised as dnn-benchmarks evaluates ResNet20."""
     path = reference / "cifar10-test-first932" / "cifar10_test_first932.npz"
     if not path.is_file():
@@ -74,8 +76,8 @@ def load_images(reference: Path, limit: int | None = None) -> TensorImageSet:
     std = torch.tensor(preset["std"]).view(1, 3, 1, 1)
     images = (pixels - mean) / std
     labels = torch.from_numpy(npz["labels"][: len(images)])
-    n = len(images) if limit is None else min(limit, len(images))
-    return TensorImageSet(images[:n].contiguous(), labels[:n])
+    ids = evaluated_ids(len(images), limit)
+    return EvaluatedImages.from_tensors(images[ids].contiguous(), labels[ids])
 
 
 def select_rows(fault_list: FaultList, layers: str | None, max_bit: int | None, every: int,
@@ -112,9 +114,9 @@ def replay(args: argparse.Namespace) -> dict:
         model, _ = models.load_checkpoint(bench / "ResNet20.th", model_name="resnet20", num_classes=10)
         model.eval()
         arithmetic.select_layers(model)
-        golden, labels = compute_golden(model, images)
+        golden = weight_golden(model, images, FORMATS["fp32"])
         t0 = time.perf_counter()
-        report = run_weight_faults(model, fault_list.faults, images, golden, labels, method=args.method)
+        report = run_weight_faults(model, fault_list.faults, images, golden, method=args.method)
         seconds = time.perf_counter() - t0
     golden_value, faulty_value = (v.numpy() for v in fault_values(model, fault_list.faults, "weight-bitflip"))
     out = report.outcomes
@@ -128,7 +130,7 @@ def replay(args: argparse.Namespace) -> dict:
     })
     figures = compare(table, len(images))
     figures |= {"arithmetic": arith.describe(), "faults": len(table), "images": len(images),
-                "golden_accuracy": float((golden.argmax(1) == labels).double().mean()),
+                "golden_accuracy": golden.accuracy,
                 "seconds": round(seconds, 1), "method": args.method, "layer_methods": report.layer_methods}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

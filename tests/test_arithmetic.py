@@ -24,13 +24,12 @@ from resilience.campaign import CampaignConfig, CampaignError, layer_sites, plan
 from resilience.engines import fast as fast_engine
 from resilience.engines.fast import FastEngine
 from resilience.engines.reference import ReferenceEngine
-from resilience.golden import TensorImageSource, golden_pass
+from resilience.golden import EvaluatedImages, Golden, TensorImageSource, golden_pass
 from resilience.layers import discover_layers, select_layers
 from resilience.metrics import score_faults
 from resilience.runner import execute, merge
 from resilience.weights.faults import WeightFault
-from resilience.weights.images import TensorImageSet
-from resilience.weights.runner import OutcomeCounter, compute_golden, run_weight_faults
+from resilience.weights.runner import OutcomeCounter, run_weight_faults, weight_golden
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TF32 = Arithmetic(math="tf32")
@@ -137,14 +136,14 @@ def test_fast_engine_agrees_with_reference_under_amp() -> None:
             assert_agree(model, x, a, b, sites)
 
 
-def hand_built_linear() -> tuple[nn.Module, TensorImageSet]:
+def hand_built_linear() -> tuple[nn.Module, EvaluatedImages]:
     """Logits = x @ W.T; weight (0, 0) = 1.0, and logit 0 of every image lies in [0.5, 2) with every partial
     sum exact, so a change of 2^-23 in that weight reaches logit 0 whatever the summation order."""
     layer = nn.Linear(4, 3, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 0.5, -0.25, 2.0], [0.75, -1.0, 0.5, 0.125], [-0.5, 0.25, 1.0, -2.0]]))
     images = torch.tensor([[1.0, 0.0, 0.0, 0.25], [1.0, 0.5, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]).repeat(3, 1)
-    return nn.Sequential(layer).eval(), TensorImageSet(images, torch.zeros(len(images), dtype=torch.long))
+    return nn.Sequential(layer).eval(), EvaluatedImages.from_tensors(images, torch.zeros(len(images), dtype=torch.long))
 
 
 @pytest.mark.parametrize("method", ["delta", "forward"])
@@ -156,16 +155,16 @@ def test_flip_removed_by_tf32_rounding_is_masked_only_under_tf32(method: str) ->
         model, images = hand_built_linear()
         with arithmetic.applied(arith):
             arithmetic.select_layers(model)
-            golden, labels = compute_golden(model, images)
-            outcomes = run_weight_faults(model, faults, images, golden, labels, method=method).outcomes
+            golden = weight_golden(model, images, FORMATS["fp32"])
+            outcomes = run_weight_faults(model, faults, images, golden, method=method).outcomes
         masked[arith.math] = outcomes.masked.tolist()
     assert masked["tf32"] == [9, 0]
     assert masked["fp32"] == [0, 0]
 
 
 def test_nonfinite_output_is_its_own_outcome_and_critical() -> None:
-    golden = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
-    counter = OutcomeCounter(2, golden, torch.tensor([0, 1]))
+    golden = Golden(torch.arange(2), torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), torch.tensor([0, 1]))
+    counter = OutcomeCounter(2, golden)
     faulty = torch.tensor([[float("nan")] * 3, [0.0, float("inf"), 1.0]])  # argmax of the NaN row is 0 = golden
     counter.add(torch.tensor([0, 1]), torch.tensor([0, 1]), faulty)
     out = counter.outcomes

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from reference_assets import DNN_BENCHMARKS, REFERENCE_DIR, load_script
 from torch import nn
 
+from resilience.bitflip import FORMATS
+from resilience.golden import EvaluatedImages
 from resilience.weights.fault_list import read_fault_list
 from resilience.weights.faults import (
     WeightFault,
@@ -23,9 +25,8 @@ from resilience.weights.faults import (
     fault_values,
     random_weight_faults,
 )
-from resilience.weights.images import TensorImageSet
 from resilience.weights.replay import forward_padded
-from resilience.weights.runner import OutcomeCounter, compute_golden, run_weight_faults, transient_images
+from resilience.weights.runner import OutcomeCounter, run_weight_faults, transient_images, weight_golden
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,13 +101,13 @@ class Tiny(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tiny() -> tuple[nn.Module, TensorImageSet]:
+def tiny() -> tuple[nn.Module, EvaluatedImages]:
     torch.manual_seed(0)
     model = Tiny().eval()
     with torch.no_grad():
         model.bn1.running_mean.uniform_(-0.5, 0.5)
         model.bn1.running_var.uniform_(0.5, 2.0)
-    images = TensorImageSet(torch.randn(20, 3, 8, 8), torch.randint(0, 5, (20,)))
+    images = EvaluatedImages.from_tensors(torch.randn(20, 3, 8, 8), torch.randint(0, 5, (20,)))
     return model, images
 
 
@@ -187,12 +188,12 @@ def test_outcome_counts_match_independent_computation(tiny, fault_model: str) ->
     faults = random_weight_faults(model, 24, seed=1, include_bias=True, include_bn=True)
     # certainly not masked, and a BatchNorm parameter (evaluated by the forward method)
     faults += [WeightFault("conv2", (0, 0, 1, 1), 30), WeightFault("fc2", (1, 1), 30), WeightFault("bn1.weight", (2,), 30)]
-    golden, labels = compute_golden(model, images, batch_size=8)
+    golden = weight_golden(model, images, FORMATS["fp32"], batch_size=8)
     hit = transient_images(len(faults), len(images), 0, list(range(len(faults)))) if "transient" in fault_model else None
-    reports = {method: run_weight_faults(model, faults, images, golden, labels, fault_model=fault_model, method=method,
+    reports = {method: run_weight_faults(model, faults, images, golden, fault_model=fault_model, method=method,
                                          fault_images=hit, chunk_images=12, batch_size=8)
                for method in ("delta", "forward")}
-    x, y = images.images, images.labels
+    x, y = images.chunk(0, len(images))
     for k, fault in enumerate(faults):
         rows = list(range(len(x))) if hit is None else [int(hit[k])]
         counts, dloss = independent_counts(model, fault, fault_model, x, y, rows)
@@ -210,8 +211,8 @@ def test_stuck_at_level_is_masked_without_running(tiny) -> None:
     value = model.fc1.weight[2, 3].item()
     bit = 31
     level = 1 if value < 0 else 0  # the sign bit is already at this level
-    golden, labels = compute_golden(model, images)
-    report = run_weight_faults(model, [WeightFault("fc1", (2, 3), bit)], images, golden, labels,
+    golden = weight_golden(model, images, FORMATS["fp32"])
+    report = run_weight_faults(model, [WeightFault("fc1", (2, 3), bit)], images, golden,
                                fault_model=f"weight-stuck{level}")
     assert report.outcomes.counts()[0].tolist() == [len(images), len(images), 0, 0]
 
@@ -235,10 +236,10 @@ def test_dnn_benchmarks_resnet20_rows_delta_equals_forward() -> None:
     rows = [2, 200, 4000, 9000, 16600]  # conv1, layer1, layer2, layer3, linear
     faults = [fault_list.faults[r] for r in rows]
     g = torch.Generator().manual_seed(0)
-    images = TensorImageSet(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
-    golden, labels = compute_golden(model, images)
-    delta = run_weight_faults(model, faults, images, golden, labels, method="delta")
-    forward = run_weight_faults(model, faults, images, golden, labels, method="forward")
+    images = EvaluatedImages.from_tensors(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    golden = weight_golden(model, images, FORMATS["fp32"])
+    delta = run_weight_faults(model, faults, images, golden, method="delta")
+    forward = run_weight_faults(model, faults, images, golden, method="forward")
     assert set(delta.layer_methods.values()) == {"delta"}
     assert np.array_equal(delta.outcomes.counts(), forward.outcomes.counts())
     assert np.array_equal(delta.outcomes.delta_loss(), forward.outcomes.delta_loss(), equal_nan=True)
@@ -261,22 +262,22 @@ class BatchCoupled(nn.Module):
 def test_replay_mismatch_falls_back_to_forward() -> None:
     torch.manual_seed(0)
     model = BatchCoupled().eval()
-    images = TensorImageSet(torch.randn(20, 3, 6, 6), torch.randint(0, 3, (20,)))
+    images = EvaluatedImages.from_tensors(torch.randn(20, 3, 6, 6), torch.randint(0, 3, (20,)))
     faults = random_weight_faults(model, 6, seed=0, bits=[30])
-    golden, labels = compute_golden(model, images, batch_size=8)
-    delta = run_weight_faults(model, faults, images, golden, labels, batch_size=8, chunk_images=20)
-    forward = run_weight_faults(model, faults, images, golden, labels, batch_size=8, chunk_images=20, method="forward")
+    golden = weight_golden(model, images, FORMATS["fp32"], batch_size=8)
+    delta = run_weight_faults(model, faults, images, golden, batch_size=8, chunk_images=20)
+    forward = run_weight_faults(model, faults, images, golden, batch_size=8, chunk_images=20, method="forward")
     assert delta.layer_methods["conv"].startswith("forward (replay did not reproduce")
     assert np.array_equal(delta.outcomes.counts(), forward.outcomes.counts())
 
 
 def test_training_mode_is_refused(tiny) -> None:
     model, images = tiny
-    golden, labels = compute_golden(model, images)
+    golden = weight_golden(model, images, FORMATS["fp32"])
     model.train()
     try:
         with pytest.raises(WeightFaultError, match="eval mode"):
-            run_weight_faults(model, [WeightFault("fc2", (0, 0), 3)], images, golden, labels)
+            run_weight_faults(model, [WeightFault("fc2", (0, 0), 3)], images, golden)
     finally:
         model.eval()
 
@@ -306,7 +307,7 @@ def test_delta_outcome_of_every_fault_and_image_is_a_plain_forward(monkeypatch: 
     faults = [fault_list.faults[r] for r in rows]
     images = load_script("replay_dnn_benchmarks").load_images(REFERENCE_DIR, EXACT_IMAGES)
     batch = 16
-    golden, labels = compute_golden(model, images, batch_size=batch)
+    golden = weight_golden(model, images, FORMATS["fp32"], batch_size=batch)
 
     seen: dict[tuple[int, int], bool] = {}  # (fault, image) the runner found changed -> its top-1 changed
     add = OutcomeCounter.add
@@ -320,7 +321,7 @@ def test_delta_outcome_of_every_fault_and_image_is_a_plain_forward(monkeypatch: 
         add(self, fault_ids, image_ids, logits)
 
     monkeypatch.setattr(OutcomeCounter, "add", recording_add)
-    report = run_weight_faults(model, faults, images, golden, labels, method="delta", batch_size=batch)
+    report = run_weight_faults(model, faults, images, golden, method="delta", batch_size=batch)
     assert set(report.layer_methods.values()) == {"delta"}
     assert len(by_layer) == sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())  # every layer
 
@@ -332,11 +333,11 @@ def test_delta_outcome_of_every_fault_and_image_is_a_plain_forward(monkeypatch: 
             value = param[fault.index].item()
             param[fault.index] = struct.unpack("<f", struct.pack("<I", f32_bits(value) ^ (1 << fault.bit)))[0]
             try:
-                faulty = torch.cat([forward_padded(model, x) for x in images.images.split(batch)])
+                faulty = torch.cat([forward_padded(model, x) for x in images.chunk(0, len(images))[0].split(batch)])
             finally:
                 param[fault.index] = value
-            unequal = ~(faulty.view(torch.int32) == golden.view(torch.int32)).all(1)
-            flipped = (faulty.argmax(1) != golden.argmax(1)) | ~torch.isfinite(faulty).all(1)
+            unequal = ~(faulty.view(torch.int32) == golden.logits.view(torch.int32)).all(1)
+            flipped = (faulty.argmax(1) != golden.logits.argmax(1)) | ~torch.isfinite(faulty).all(1)
             expected.update({(k, i): bool(flipped[i]) for i in torch.nonzero(unequal).flatten().tolist()})
     assert len(faults) == len(by_layer) * EXACT_FAULTS_PER_LAYER
     assert seen == expected

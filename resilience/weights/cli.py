@@ -27,11 +27,20 @@ from torch import nn
 
 import data
 import models
-from cli_shell import HelpFormatter, UserError, differences, non_negative_int, positive_int, run_cli
+from cli_shell import (
+    MAX_IMAGES_HELP,
+    HelpFormatter,
+    UserError,
+    differences,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 from models.checkpoint import sha256_file
 from models.device import resolve_device
 from resilience import arithmetic
 from resilience.bitflip import format_of
+from resilience.golden import EvaluatedImages, evaluated_ids
 from resilience.storage import write_json
 from resilience.weights.fault_list import (
     FaultList,
@@ -47,9 +56,8 @@ from resilience.weights.faults import (
     fault_targets,
     fault_values,
 )
-from resilience.weights.images import DatasetImageSet
 from resilience.weights.report import fault_table, write_outputs
-from resilience.weights.runner import METHODS, compute_golden, run_weight_faults, transient_images
+from resilience.weights.runner import METHODS, run_weight_faults, transient_images, weight_golden
 
 
 def wants_weight_faults(argv: Sequence[str]) -> bool:
@@ -109,7 +117,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
     g.add_argument("--data-path", default=None, help="dataset root (default: data.default_data_root())")
     g.add_argument("--split", default="test", choices=("test", "val", "train"))
-    g.add_argument("--max-images", type=positive_int, default=None, metavar="M", help="evaluate the first M images of the split")
+    g.add_argument("--max-images", type=positive_int, default=None, metavar="K", help=MAX_IMAGES_HELP)
     g.add_argument("--preset-from", default=None, metavar="DATASET",
                    help="feed the images as DATASET's inputs (its size, channels and mean/std), e.g. Fashion-MNIST "
                         "as CIFAR-10: --dataset fashion-mnist --preset-from cifar10")
@@ -209,6 +217,9 @@ def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, An
         "seed": args.seed if args.fault_model in TRANSIENT_FAULT_MODELS else None, "max_images": args.max_images,
         "arithmetic": arith.describe(),
     }
+    if args.max_images is not None:
+        # runs written when --max-images meant "the first K images" lack this key, so they are not taken as done
+        config["image_subset"] = "evaluated_ids"
     out = Path(args.out or f"runs/weights_{meta.get('model')}_{Path(args.fault_list).stem}_{args.fault_model}")
     previous = _finished_run(out)
     if previous is not None and previous.get("config") == config:
@@ -216,7 +227,7 @@ def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, An
         return previous
     claim_out(out, config)
     dataset_obj = data.build_dataset(dataset, split, args.data_path, preset=preset)
-    images = DatasetImageSet(dataset_obj, limit=args.max_images, workers=args.workers)
+    images = EvaluatedImages(dataset_obj, evaluated_ids(len(dataset_obj), args.max_images), workers=args.workers)
     model.to(device)
     arithmetic.select_layers(model)
     dtype = next(model.parameters()).dtype
@@ -224,20 +235,20 @@ def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, An
     print(f"{len(faults)} {args.fault_model} faults from {args.fault_list} on {meta.get('model')} "
           f"({args.checkpoint}); {len(images)} images of {dataset}/{split}; method {args.method}; arithmetic {arith.label}", flush=True)
     t0 = time.perf_counter()
-    golden, labels = compute_golden(model, images, batch_size=args.batch_size, chunk_images=args.chunk_images,
-                                    device=device, dtype=dtype)
+    golden = weight_golden(model, images, format_of(dtype), batch_size=args.batch_size,
+                           chunk_images=args.chunk_images, device=device)
     t_golden = time.perf_counter() - t0
     hit = None
     if args.fault_model in TRANSIENT_FAULT_MODELS:
         hit = transient_images(len(faults), len(images), args.seed, fault_list.injections)
     t1 = time.perf_counter()
-    report = run_weight_faults(model, faults, images, golden, labels, fault_model=args.fault_model, method=args.method,
+    report = run_weight_faults(model, faults, images, golden, fault_model=args.fault_model, method=args.method,
                                fault_images=hit, chunk_images=args.chunk_images, batch_size=args.batch_size,
                                show_progress=not args.no_progress)
     elapsed = time.perf_counter() - t1
     golden_value, faulty_value = fault_values(model, faults, args.fault_model)
     table = fault_table(fault_list, report.outcomes, fault_model=args.fault_model, golden_value=golden_value.numpy(),
-                        faulty_value=faulty_value.numpy(), images=None if hit is None else hit.numpy())
+                        faulty_value=faulty_value.numpy(), images=None if hit is None else images.ids[hit].numpy())
     counts = report.outcomes.counts().sum(0)
     summary = {
         "config": config,
@@ -247,7 +258,7 @@ def _run(args: argparse.Namespace, arith: arithmetic.Arithmetic) -> dict[str, An
         "golden_seconds": round(t_golden, 3),
         "seconds": round(elapsed, 3),
         "faults_per_second": len(faults) / elapsed if elapsed > 0 else None,
-        "golden_accuracy": float((golden.argmax(1) == labels).double().mean()),
+        "golden_accuracy": golden.accuracy,
         "outcomes": {"images": int(counts[0]), "masked": int(counts[1]), "non_critical": int(counts[2]),
                      "critical": int(counts[3]), "nonfinite": int(report.outcomes.nonfinite.sum()),
                      "critical_rate": float(counts[3] / max(counts[0], 1))},

@@ -37,7 +37,8 @@ from torch import nn
 from tqdm import tqdm
 
 from resilience import arithmetic
-from resilience.bitflip import format_of
+from resilience.bitflip import NumberFormat, format_of
+from resilience.golden import EvaluatedImages, Golden, golden_pass
 from resilience.weights.faults import (
     ParameterResolver,
     WeightFault,
@@ -46,7 +47,6 @@ from resilience.weights.faults import (
     check_fault_model,
     corrupt,
 )
-from resilience.weights.images import ImageSet
 from resilience.weights.replay import (
     LayerReplay,
     ModuleCall,
@@ -93,12 +93,14 @@ class Outcomes:
 class OutcomeCounter:
     """Classifies faulty logits against the golden ones and accumulates per-fault outcomes."""
 
-    def __init__(self, n_faults: int, golden: torch.Tensor, labels: torch.Tensor) -> None:
-        self.fmt = format_of(golden.dtype)
-        self.golden_bits = golden.view(self.fmt.int_dtype)
-        self.golden_pred = golden.argmax(1)
-        self.labels = labels.to(golden.device)
-        self.golden_loss = F.cross_entropy(golden.double(), self.labels, reduction="none")
+    def __init__(self, n_faults: int, golden: Golden, device: torch.device | str = "cpu") -> None:
+        logits = golden.logits.to(device)
+        self.logits = logits
+        self.fmt = format_of(logits.dtype)
+        self.golden_bits = logits.view(self.fmt.int_dtype)
+        self.golden_pred = logits.argmax(1)
+        self.labels = golden.labels.to(device)
+        self.golden_loss = F.cross_entropy(logits.double(), self.labels, reduction="none")
         self.outcomes = Outcomes.zeros(n_faults)
 
     def add_masked(self, faults: np.ndarray, images: np.ndarray) -> None:
@@ -126,22 +128,16 @@ class OutcomeCounter:
         np.add.at(out.delta_loss_sum, f, dloss.cpu().numpy())
 
 
-@torch.no_grad()
-def compute_golden(
-    model: nn.Module, images: ImageSet, *, batch_size: int = 128, chunk_images: int = 1024,
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Golden logits [M, C] (on ``device``) and labels [M] of the image set, computed once.
+def weight_golden(
+    model: nn.Module, images: EvaluatedImages, fmt: NumberFormat, *, batch_size: int = 128, chunk_images: int = 1024,
+    device: torch.device | str = "cpu",
+) -> Golden:
+    """The golden pass of a weight-fault run: logits in the model's output dtype, batched as the run batches.
 
-    ``dtype`` is the model's number format; the images are cast to it.
+    ``fmt`` is the model's number format; the images are cast to it.
     """
-    logits, labels = [], []
-    for start in range(0, len(images), chunk_images):
-        x, y = images.chunk(start, min(start + chunk_images, len(images)))
-        x = x.to(device=device, dtype=dtype)
-        logits += [forward_padded(model, part) for part in x.split(batch_size)]
-        labels.append(y)
-    return torch.cat(logits), torch.cat(labels).to(device)
+    return golden_pass(lambda x: forward_padded(model, x), images.ids, images.batches(batch_size, chunk_images),
+                       fmt, device, keep_dtype=True)
 
 
 @dataclass
@@ -185,9 +181,8 @@ def _delta_supported(module: nn.Module, attr: str, call: ModuleCall | None) -> s
 def run_weight_faults(
     model: nn.Module,
     faults: Sequence[WeightFault],
-    images: ImageSet,
-    golden: torch.Tensor,
-    labels: torch.Tensor,
+    images: EvaluatedImages,
+    golden: Golden,
     *,
     fault_model: str = "weight-bitflip",
     method: str = "delta",
@@ -198,7 +193,8 @@ def run_weight_faults(
 ) -> RunReport:
     """Evaluate every fault on every image (or on ``fault_images[i]`` only, for transient faults).
 
-    ``golden``/``labels`` come from :func:`compute_golden` on the same ``images``. The model must be in
+    ``fault_images[i]`` is a position in ``images`` (0 to ``len(images) - 1``), not a split id.
+    ``golden`` comes from :func:`weight_golden` on the same ``images``. The model must be in
     eval mode; it is bit-identical afterwards. ``chunk_images`` bounds memory: golden activations of one
     chunk are cached at a time.
     """
@@ -207,14 +203,15 @@ def run_weight_faults(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if model.training:
         raise WeightFaultError("the model must be in eval mode (model.eval()): BatchNorm would use batch statistics")
-    device = golden.device
-    counter = OutcomeCounter(len(faults), golden, labels)
+    device = next(model.parameters()).device
+    counter = OutcomeCounter(len(faults), golden, device)
+    dtype = golden.logits.dtype
     groups = _group_faults(model, faults)
     report = RunReport(counter.outcomes)
     calls: dict[str, ModuleCall] = {}
     if method == "delta":
         first, _ = images.chunk(0, min(len(images), 8))
-        calls = trace_module_calls(model, first.to(device=device, dtype=golden.dtype))
+        calls = trace_module_calls(model, first.to(device=device, dtype=dtype))
     for group in groups:
         reason = "requested" if method == "forward" else _delta_supported(group.module, group.attr, calls.get(group.module_name))
         if reason:
@@ -228,7 +225,7 @@ def run_weight_faults(
         for start in range(0, len(images), chunk_images):
             stop = min(start + chunk_images, len(images))
             x, _ = images.chunk(start, stop)
-            x = x.to(device=device, dtype=golden.dtype)
+            x = x.to(device=device, dtype=dtype)
             for group in groups:
                 ids = torch.tensor(group.fault_ids)
                 targets = None
@@ -237,7 +234,7 @@ def run_weight_faults(
                     ids, targets = ids[hits], fault_images[ids][hits] - start
                 if len(ids):
                     if group.method == "delta" and not _run_delta_group(
-                        model, group, faults, ids, targets, x, start, golden[start:stop], calls, counter,
+                        model, group, faults, ids, targets, x, start, counter.logits[start:stop], calls, counter,
                         fault_model, batch_size, bar,
                     ):
                         report.layer_methods[group.module_name] = "forward (replay did not reproduce the golden logits)"

@@ -42,7 +42,7 @@ campaign() {  # campaign CHECKPOINT OUT_DIR [inject.py options...]: one shard pe
     shift 2
     local launcher=("$PYTHON")
     if [ "$NGPU" -gt 1 ]; then launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NGPU"); fi
-    run "${launcher[@]}" inject.py --checkpoint "$ckpt" --injections "$INJECTIONS" --engine "$ENGINE" \
+    run "${launcher[@]}" inject.py neurons --checkpoint "$ckpt" --injections "$INJECTIONS" --engine "$ENGINE" \
         --seed 0 --out "$out" "${data_args[@]}" "$@"
 }
 
