@@ -31,7 +31,14 @@ from resilience.bitflip import NumberFormat, get_format
 from resilience.engines import get_engine
 from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
 from resilience.golden import Golden
-from resilience.image_pool import ImagePool, campaign_images, pool_summary, pooled_tables, uniform_layer_set
+from resilience.image_pool import (
+    ImagePool,
+    campaign_images,
+    pool_note,
+    pool_summary,
+    pooled_tables,
+    uniform_layer_set,
+)
 from resilience.intervals import uniform_layer_interval
 from resilience.layers import LayerInfo, select_layers
 from resilience.metrics import CONFIDENCE, LayerStats, score_faults, summarize
@@ -368,7 +375,7 @@ class UniformCampaign(RecordedCampaign):
                                    "normal: mean ± z·s/√n over finite faults; mismatch: Wilson score")
         write_parquet(self.folder.file("faults.parquet"), faults)
         write_text(self.folder.file("layers.csv"), pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
-        write_text(self.folder.file("layers.md"), layers_markdown(rows, network, title))
+        write_text(self.folder.file("layers.md"), layers_markdown(rows, network, title) + pool_note(self.record, network))
         write_json(self.folder.file("summary.json"), summary)
         remove_stale_temporaries(self.folder.parts)
         return summary

@@ -48,7 +48,14 @@ from resilience.campaign import (
 )
 from resilience.engines.base import Engine, FaultSites, ImageSource
 from resilience.golden import Golden
-from resilience.image_pool import ImagePool, LayerSet, campaign_images, pooled_tables, stratified_layer
+from resilience.image_pool import (
+    ImagePool,
+    LayerSet,
+    campaign_images,
+    pool_note,
+    pooled_tables,
+    stratified_layer,
+)
 from resilience.metrics import CONFIDENCE
 from resilience.storage import (
     read_json,
@@ -319,7 +326,7 @@ class StratifiedCampaign(RecordedCampaign):
         write_text(self.folder.file("layers.csv"), pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
         write_text(self.folder.file("strata.csv"), pd.DataFrame(strata_rows).to_csv(index=False, lineterminator="\n"))
         title = f"ΔLoss per layer (stratified) — {self.config.model} on {self.config.dataset}"
-        write_text(self.folder.file("layers.md"), stratified_markdown(rows, network, title))
+        write_text(self.folder.file("layers.md"), stratified_markdown(rows, network, title) + pool_note(self.record, network))
         write_json(self.folder.file("summary.json"), summary)
         for leftover in self.folder.round_chunks():  # chunks of a round whose file was written before a kill
             leftover.unlink()

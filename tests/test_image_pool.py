@@ -52,8 +52,10 @@ def test_same_seed_and_k_give_the_same_pool_and_faults_on_pool_images_only(tmp_p
     other = draw_pool(4, golden_set, POOL)
     assert other.tolist() != pool["images"], "another seed draws another pool"
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert summary["image_pool"] == {"size": POOL, "population": len(golden_set)}
+    assert (summary["image_pool"]["size"], summary["image_pool"]["population"]) == (POOL, len(golden_set))
     assert {"ci_low", "ci_high", "between_image_se"} <= set(summary["network"])
+    note = (tmp_path / "a" / "layers.md").read_text().splitlines()[-1]
+    assert note.startswith(f"Image pool: faults hit {POOL} of the {len(golden_set)} golden images")
 
 
 def test_a_pool_of_all_images_is_todays_campaign_byte_for_byte(tmp_path: Path) -> None:
