@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, metavar="DIR", help="root of the campaign folders")
     parser.add_argument("--pools", nargs="+", default=["64", "256", "1024", "all"], help="pool sizes K (or all)")
     parser.add_argument("--injections", type=int, default=1024, help="faults per layer")
-    parser.add_argument("--seed", type=int, default=0, help="campaign seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="campaign seeds (one campaign per K each)")
     parser.add_argument("--sampling", choices=("uniform",), default="uniform",
                         help="only uniform campaigns have per-layer records this script can reread for K = all")
     parser.add_argument("--show-layers", type=int, default=3, help="layers whose intervals are printed")
@@ -67,13 +67,14 @@ def pool_arg(text: str) -> int | None:
     return None if text == "all" else int(text)
 
 
-def run_campaign(checkpoint: str, out: Path, pool: int | None, args: argparse.Namespace, golden_from: Path | None) -> None:
+def run_campaign(checkpoint: str, out: Path, pool: int | None, seed: int, args: argparse.Namespace,
+                 golden_from: Path | None) -> None:
     """One ``inject.py neurons`` campaign (resumed or skipped when already there)."""
     if golden_from is not None and not (out / "golden.pt").is_file():
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(golden_from, out / "golden.pt")  # inject.py checks its key: the same model and images
     argv = ["neurons", "--checkpoint", checkpoint, "--out", str(out), "--injections", str(args.injections),
-            "--seed", str(args.seed), *args.inject_args.split()]
+            "--seed", str(seed), *args.inject_args.split()]
     if pool is not None:
         argv += ["--image-pool", str(pool)]
     code = inject.main(argv)
@@ -108,18 +109,27 @@ def campaign_figures(out: Path, show: int) -> dict:
     }
 
 
-def print_campaigns(name: str, rows: Sequence[dict]) -> None:
-    base = next((r for r in rows if r["pool"] is None), rows[-1])
-    print(f"\n{name}: {base['layers']} layers x {base['injections_per_layer']} injections per layer, "
-          f"golden set {base['golden_set']}")
-    head = (f"{'K':>6} {'images hit':>10} {'faults/img':>10} {'inject s':>9} {'net ΔLoss':>10} {'99% width':>10} "
-            f"{'x all':>6} {'between':>8}  " + "  ".join(f"{n:>14}" for n in base["layer_widths"]))
-    print(head + "\n" + "-" * len(head))
+def print_campaigns(name: str, rows: Sequence[dict], seeds: int) -> None:
+    """One line per K: figures averaged over the seeds (widths as the mean width)."""
+    by_pool: dict[int | None, list[dict]] = {}
     for r in rows:
-        ratio = r["width"] / base["width"] if base["width"] > 0 else float("nan")
-        print(f"{r['pool'] or 'all':>6} {r['images_hit']:>10} {r['faults_per_image']:>10.2f} "
-              f"{r['injection_seconds']:>9.1f} {r['delta_loss']:>10.4g} {r['width']:>10.3g} {ratio:>6.2f} "
-              f"{100 * r['between_share']:>7.1f}%  " + "  ".join(f"{w:>14.3g}" for w in r["layer_widths"].values()))
+        by_pool.setdefault(r["pool"], []).append(r)
+    base = by_pool.get(None, rows)
+    base_width = float(np.mean([r["width"] for r in base]))
+    first = base[0]
+    print(f"\n{name}: {first['layers']} layers x {first['injections_per_layer']} injections per layer, golden set "
+          f"{first['golden_set']}, {seeds} seed(s) per K (figures are means over them)")
+    head = (f"{'K':>6} {'images hit':>10} {'faults/img':>10} {'inject s':>9} {'net ΔLoss':>10} {'99% width':>10} "
+            f"{'x all':>6} {'between':>8} {'1/√(1-b)':>8}  " + "  ".join(f"{n:>14}" for n in first["layer_widths"]))
+    print(head + "\n" + "-" * len(head))
+    for pool, group in by_pool.items():
+        mean = {key: float(np.mean([r[key] for r in group])) for key in
+                ("images_hit", "faults_per_image", "injection_seconds", "delta_loss", "width", "between_share")}
+        widths = [float(np.mean([r["layer_widths"][n] for r in group])) for n in first["layer_widths"]]
+        print(f"{pool or 'all':>6} {mean['images_hit']:>10.0f} {mean['faults_per_image']:>10.2f} "
+              f"{mean['injection_seconds']:>9.1f} {mean['delta_loss']:>10.4g} {mean['width']:>10.3g} "
+              f"{mean['width'] / base_width:>6.2f} {100 * mean['between_share']:>7.1f}% "
+              f"{1 / np.sqrt(1 - mean['between_share']):>8.2f}  " + "  ".join(f"{w:>14.3g}" for w in widths))
 
 
 def campaigns(args: argparse.Namespace) -> dict:
@@ -130,12 +140,13 @@ def campaigns(args: argparse.Namespace) -> dict:
     for index, checkpoint in enumerate(args.checkpoint):
         root = Path(args.out) / f"{index}-{Path(checkpoint).parent.name}"
         rows, golden = [], None
-        for pool in pools:
-            out = root / f"K{pool or 'all'}-seed{args.seed}"
-            run_campaign(checkpoint, out, pool, args, golden)
-            golden = golden or out / "golden.pt"
-            rows.append(campaign_figures(out, args.show_layers))
-        print_campaigns(checkpoint, rows)
+        for seed in args.seeds:
+            for pool in pools:
+                out = root / f"K{pool or 'all'}-seed{seed}"
+                run_campaign(checkpoint, out, pool, seed, args, golden)
+                golden = golden or out / "golden.pt"
+                rows.append(campaign_figures(out, args.show_layers))
+        print_campaigns(checkpoint, rows, len(args.seeds))
         results[checkpoint] = rows
     return results
 
