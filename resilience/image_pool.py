@@ -295,6 +295,14 @@ def stratified_layer(pool: ImagePool, faults: pa.Table, strata: Sequence[str]) -
     return within, effect
 
 
+def stratified_layer_set(pool: ImagePool, faults: dict[str, pa.Table], strata: Sequence[str]) -> LayerSet:
+    """Every layer of a stratified campaign from its weighted fault records (:func:`stratified_layer`)."""
+    layers = LayerSet({}, pool)
+    for name, table in faults.items():
+        layers.within[name], layers.effects[name] = stratified_layer(pool, table, strata)
+    return layers
+
+
 def pooled_tables(layers: LayerSet, rows: list[dict[str, Any]], network: dict[str, Any],
                   confidence: float) -> None:
     """Put the pooled intervals into a campaign's per-layer rows and network figures (in place).

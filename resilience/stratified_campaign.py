@@ -48,14 +48,7 @@ from resilience.campaign import (
 )
 from resilience.engines.base import Engine, FaultSites, ImageSource
 from resilience.golden import Golden
-from resilience.image_pool import (
-    ImagePool,
-    LayerSet,
-    campaign_images,
-    pool_note,
-    pooled_tables,
-    stratified_layer,
-)
+from resilience.image_pool import ImagePool, campaign_images, pool_note, pooled_tables, stratified_layer_set
 from resilience.metrics import CONFIDENCE
 from resilience.storage import (
     read_json,
@@ -313,10 +306,8 @@ class StratifiedCampaign(RecordedCampaign):
         pool = ImagePool.from_record(self.record)
         if pool is not None:
             strata = [s.name for s in st.make_strata(get_format(self.config.format), self.grouping)]
-            layers = LayerSet({}, pool)
-            for row, table in zip(rows, tables, strict=True):
-                layers.within[row["layer"]], layers.effects[row["layer"]] = stratified_layer(pool, table, strata)
-            pooled_tables(layers, rows, network, CONFIDENCE)
+            by_layer = {row["layer"]: table for row, table in zip(rows, tables, strict=True)}
+            pooled_tables(stratified_layer_set(pool, by_layer, strata), rows, network, CONFIDENCE)
         summary = campaign_summary(
             self.record, network, {r["layer"]: r["n"] for r in rows},
             "stratified combined ratio estimator over estimation rounds, delta-method variance, skewness-corrected "
