@@ -183,3 +183,18 @@ def test_draw_pool_is_a_subset_in_id_order() -> None:
     pool = draw_pool(11, golden_set, 40)
     assert torch.equal(pool, draw_pool(11, golden_set, 40))
     assert torch.all(pool[1:] > pool[:-1]) and set(pool.tolist()) <= set(golden_set.tolist())
+
+
+def test_bench_simulation_runs_and_reports_coverage(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_image_pool
+
+    out = tmp_path / "sim.json"
+    assert bench_image_pool.main(["--simulate", "--sim-seeds", "4", "--sim-images", "200", "--pools", "16", "all",
+                                  "--injections", "256", "--json", str(out)]) == 0
+    pools = json.loads(out.read_text())["pools"]
+    assert set(pools) == {"16", "200"}
+    assert all(0 <= row["layer_coverage"] <= 1 for row in pools.values())
+    assert pools["200"]["between_share"] == 0 and pools["16"]["between_share"] > 0
