@@ -206,8 +206,8 @@ def pooled_moments(pool: ImagePool, given_pool: Moments, effects: Sequence[Image
     with the between-image variance added.
 
     The third cumulant stays the faults' own: the ultimate-cluster estimate K²/((K − 1)(K − 2))·Σ_i T_i³
-    of the whole was tried and, being less precise than the post-stratified one, covered worse in the
-    simulation of docs/image_pool.md.
+    of the whole is less precise than the post-stratified one and covers worse in the simulation of
+    docs/image_pool.md.
     """
     return Moments(given_pool.value, given_pool.variance + between_variance(pool, effects, weights), given_pool.third)
 
