@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import inject  # noqa: E402
-from resilience.image_pool import ImagePool, uniform_layer_set  # noqa: E402
+from resilience.image_pool import ImagePool, pool_size_arg, uniform_layer_set  # noqa: E402
 from resilience.improvement_ci import layer_set  # noqa: E402
 from resilience.storage import read_json  # noqa: E402
 
@@ -42,11 +42,13 @@ CONFIDENCE = 0.99
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The benchmark's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", default=[], help="checkpoints (one campaign per pool size each)")
     parser.add_argument("--out", default=None, metavar="DIR", help="root of the campaign folders")
-    parser.add_argument("--pools", nargs="+", default=["64", "256", "1024", "all"], help="pool sizes K (or all)")
+    parser.add_argument("--pools", nargs="+", type=pool_arg, default=[64, 256, 1024, None], metavar="K",
+                        help="pool sizes K, or all")
     parser.add_argument("--injections", type=int, default=1024, help="faults per layer")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="campaign seeds (one campaign per K each)")
     parser.add_argument("--sampling", choices=("uniform",), default="uniform",
@@ -64,7 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def pool_arg(text: str) -> int | None:
-    return None if text == "all" else int(text)
+    """argparse type of ``--pools``: a pool size (as ``--image-pool``) or ``all`` (None)."""
+    return None if text == "all" else pool_size_arg(text)
 
 
 def run_campaign(checkpoint: str, out: Path, pool: int | None, seed: int, args: argparse.Namespace,
@@ -133,9 +136,10 @@ def print_campaigns(name: str, rows: Sequence[dict], seeds: int) -> None:
 
 
 def campaigns(args: argparse.Namespace) -> dict:
+    """Campaign mode: one campaign per checkpoint, seed and K; prints and returns their figures."""
     if not args.checkpoint or not args.out:
         raise SystemExit("error: give --checkpoint and --out (or --simulate)")
-    pools = [pool_arg(p) for p in args.pools]
+    pools = args.pools
     results = {}
     for index, checkpoint in enumerate(args.checkpoint):
         root = Path(args.out) / f"{index}-{Path(checkpoint).parent.name}"
@@ -168,7 +172,8 @@ def population(args: argparse.Namespace, rng: np.random.Generator) -> tuple[np.n
 
 
 def simulate(args: argparse.Namespace) -> dict:
-    pools = [pool_arg(p) or args.sim_images for p in args.pools]
+    """Simulation mode: coverage and bias of the pooled intervals per K against the population's exact means."""
+    pools = [min(p or args.sim_images, args.sim_images) for p in args.pools]
     rng = np.random.default_rng(12345)
     factor, scale, p, large = population(args, rng)
     small = 1e-4
@@ -213,9 +218,10 @@ def simulate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the campaigns or the simulation the command line asks for."""
     args = get_args_parser().parse_args(argv)
-    if args.injections < 2:
-        raise SystemExit("error: --injections must be at least 2")
+    if args.injections < 2 or args.sim_seeds < 2 or args.sim_images < 2 or args.sim_layers < 1:
+        raise SystemExit("error: --injections, --sim-seeds and --sim-images must be at least 2, --sim-layers at least 1")
     results = simulate(args) if args.simulate else campaigns(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
