@@ -268,8 +268,10 @@ def uniform_layer_set(faults: pa.Table, bits: int, pool: ImagePool | None) -> La
     return layers
 
 
-def stratified_layer(pool: ImagePool, faults: pa.Table, strata: Sequence[str]) -> tuple[Moments, ImageEffect]:
-    """A stratified layer's estimate given the pool and its image effect, from its fault records with their
+def stratified_layer(pool: ImagePool | None, faults: pa.Table,
+                     strata: Sequence[str]) -> tuple[Moments, ImageEffect | None]:
+    """A stratified layer's estimate given the pool and its image effect (None without a pool), from its fault
+    records with their
     ``weight`` (λ_r·W_b·n/n_rb), ``round`` and ``stratum`` columns (round 0, the pilot, has weight 0).
 
     The cells are (round, stratum) with W_c = weight·n_c/n; each cell's spread comes from every draw of its
@@ -291,15 +293,18 @@ def stratified_layer(pool: ImagePool, faults: pa.Table, strata: Sequence[str]) -
               [x[stratum == b] for b in range(len(strata))])
     within, _ = ratio_moments(cell_weight[present], [y[cell == c] for c in present], [x[cell == c] for c in present],
                               spread)
-    effect = image_effect(pool, faults.column("image").to_numpy(), delta, finite, cell, cell_weight)
-    return within, effect
+    if pool is None:
+        return within, None
+    return within, image_effect(pool, faults.column("image").to_numpy(), delta, finite, cell, cell_weight)
 
 
-def stratified_layer_set(pool: ImagePool, faults: dict[str, pa.Table], strata: Sequence[str]) -> LayerSet:
+def stratified_layer_set(pool: ImagePool | None, faults: dict[str, pa.Table], strata: Sequence[str]) -> LayerSet:
     """Every layer of a stratified campaign from its weighted fault records (:func:`stratified_layer`)."""
     layers = LayerSet({}, pool)
     for name, table in faults.items():
-        layers.within[name], layers.effects[name] = stratified_layer(pool, table, strata)
+        layers.within[name], effect = stratified_layer(pool, table, strata)
+        if effect is not None:
+            layers.effects[name] = effect
     return layers
 
 

@@ -34,9 +34,17 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import inject  # noqa: E402
-from resilience.image_pool import ImagePool, pool_size_arg, uniform_layer_set  # noqa: E402
+from resilience.bitflip import get_format  # noqa: E402
+from resilience.image_pool import (  # noqa: E402
+    ImagePool,
+    LayerSet,
+    pool_size_arg,
+    stratified_layer_set,
+    uniform_layer_set,
+)
 from resilience.improvement_ci import layer_set  # noqa: E402
 from resilience.storage import read_json  # noqa: E402
+from resilience.stratified import make_strata  # noqa: E402
 
 CONFIDENCE = 0.99
 
@@ -51,8 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="pool sizes K, or all")
     parser.add_argument("--injections", type=int, default=1024, help="faults per layer")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="campaign seeds (one campaign per K each)")
-    parser.add_argument("--sampling", choices=("uniform",), default="uniform",
-                        help="only uniform campaigns have per-layer records this script can reread for K = all")
+    parser.add_argument("--sampling", choices=("uniform", "stratified"), default="uniform",
+                        help="stratified: --injections is the cap per layer; give --target-ci in --inject-args")
     parser.add_argument("--show-layers", type=int, default=3, help="layers whose intervals are printed")
     parser.add_argument("--inject-args", default="--engine fast --clamp profile --threads 1 --no-progress",
                         help="further options of inject.py neurons")
@@ -76,8 +84,10 @@ def run_campaign(checkpoint: str, out: Path, pool: int | None, seed: int, args: 
     if golden_from is not None and not (out / "golden.pt").is_file():
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(golden_from, out / "golden.pt")  # inject.py checks its key: the same model and images
-    argv = ["neurons", "--checkpoint", checkpoint, "--out", str(out), "--injections", str(args.injections),
-            "--seed", str(seed), *args.inject_args.split()]
+    budget = ["--injections", str(args.injections)] if args.sampling == "uniform" else [
+        "--sampling", "stratified", "--max-injections", str(args.injections)]
+    argv = ["neurons", "--checkpoint", checkpoint, "--out", str(out), *budget, "--seed", str(seed),
+            *args.inject_args.split()]
     if pool is not None:
         argv += ["--image-pool", str(pool)]
     code = inject.main(argv)
@@ -85,12 +95,22 @@ def run_campaign(checkpoint: str, out: Path, pool: int | None, seed: int, args: 
         raise SystemExit(f"error: inject.py exited with {code} for {out}")
 
 
+def stratified_layers(out: Path, summary: dict) -> LayerSet:
+    """The layers of a finished stratified campaign folder, with their image effects when it has a pool."""
+    faults = pq.read_table(out / "faults.parquet")
+    names = np.asarray(faults.column("layer").to_pylist())
+    strata = [s.name for s in make_strata(get_format(summary["config"]["format"]), summary["stratified"]["grouping"])]
+    pool = ImagePool.from_record(read_json(out / "campaign.json"))
+    by_layer = {name: faults.filter(pa.array(names == name)) for name in dict.fromkeys(names.tolist())}
+    return stratified_layer_set(pool, by_layer, strata)
+
+
 def campaign_figures(out: Path, show: int) -> dict:
-    """Workload, time and intervals of a finished uniform campaign folder."""
+    """Workload, time and intervals of a finished campaign folder."""
     summary = read_json(out / "summary.json")
     image = pq.read_table(out / "faults.parquet", columns=["image"]).column("image").to_numpy()
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    layers = layer_set(out)
+    layers = stratified_layers(out, summary) if "stratified" in summary else layer_set(out)
     network = layers.mean()
     low, high = network.interval(CONFIDENCE)
     within = layers.given_pool().mean()
@@ -102,7 +122,7 @@ def campaign_figures(out: Path, show: int) -> dict:
         "images_hit": int(len(np.unique(image))),
         "faults": int(len(image)),
         "faults_per_image": len(image) / len(np.unique(image)),
-        "injections_per_layer": summary["n_per_layer"][names[0]],
+        "injections_per_layer": float(np.mean(list(summary["n_per_layer"].values()))),
         "layers": len(names),
         "injection_seconds": sum(r["injection_seconds"] for r in runs),
         "delta_loss": network.value,
@@ -120,7 +140,7 @@ def print_campaigns(name: str, rows: Sequence[dict], seeds: int) -> None:
     base = by_pool.get(None, rows)
     base_width = float(np.mean([r["width"] for r in base]))
     first = base[0]
-    print(f"\n{name}: {first['layers']} layers x {first['injections_per_layer']} injections per layer, golden set "
+    print(f"\n{name}: {first['layers']} layers x {first['injections_per_layer']:.0f} injections per layer, golden set "
           f"{first['golden_set']}, {seeds} seed(s) per K (figures are means over them)")
     head = (f"{'K':>6} {'images hit':>10} {'faults/img':>10} {'inject s':>9} {'net ΔLoss':>10} {'99% width':>10} "
             f"{'x all':>6} {'between':>8} {'1/√(1-b)':>8}  " + "  ".join(f"{n:>14}" for n in first["layer_widths"]))
