@@ -1,7 +1,9 @@
 """What the image pool costs in interval width, and whether its intervals cover.
 
     .venv/bin/python scripts/bench_image_pool.py --checkpoint CKPT [CKPT ...] --out /tmp/pool \\
-        --pools 64 256 1024 all --injections 1024 --engine fast --clamp profile --threads 1
+        --pools 64 256 1024 all --injections 1024 --seeds 0 1 2
+    .venv/bin/python scripts/bench_image_pool.py --sampling stratified --checkpoint CKPT --out /tmp/pool-strat \\
+        --injections 1024 --inject-args "--engine fast --clamp profile --threads 1 --target-ci 0.01"
     .venv/bin/python scripts/bench_image_pool.py --simulate --sim-seeds 400
 
 Campaign mode runs ``inject.py neurons`` once per checkpoint and pool size K (same seed, same injections
@@ -9,7 +11,8 @@ per layer; folders under --out, so a rerun resumes or skips finished campaigns; 
 computed once per checkpoint and copied) and prints, per K, the workload (pool images, golden images hit,
 faults per image hit, injections per layer), the injection time, the network-level ΔLoss with the width of
 its 99% interval and that width relative to the all-image campaign, the share of the variance that is
-between images, and the widths of a few layers' intervals.
+between images, and the widths of a few layers' intervals. With ``--sampling stratified``, --injections
+is each layer's cap (a --target-ci it cannot meet spends all of it).
 
 Simulation mode checks the pooled intervals against a known truth: a population of golden images whose
 per-image means differ (a log-normal image factor shared by every layer) and a heavy-tailed per-bit fault
