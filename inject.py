@@ -54,6 +54,7 @@ from resilience.golden import (
     golden_pass,
     iterate_split,
 )
+from resilience.image_pool import pool_size_arg
 from resilience.layers import discover_layers
 from resilience.profile import cached_profile, profile_max_abs
 from resilience.runner import Sampling, add_sampling_args, execute, is_complete, merge, sampling_from_args
@@ -147,6 +148,9 @@ def add_neuron_arguments(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--margin", type=float, default=None, metavar="E",
                    help="Leveugle et al. 2009: n per layer for error margin E (with --confidence)")
     g.add_argument("--confidence", type=float, default=0.99, help="confidence of --margin")
+    g.add_argument("--image-pool", type=pool_size_arg, default=None, metavar="K",
+                   help="draw K golden images once (from --seed) and every fault's image from them: two-stage "
+                        "sampling, intervals with the between-image variance (docs/image_pool.md; default: all)")
     g.add_argument("--layers", type=regex, default=None, metavar="REGEX", help="only layers whose name matches")
     g.add_argument("--format", choices=tuple(FORMATS), default="fp32", help="number format the model runs in")
     g.add_argument("--clamp", choices=CLAMP_MODES, default="none",
@@ -304,7 +308,7 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
         profile_images=args.profile_images if args.clamp == "profile" else None, engine=args.engine,
         batch_size=args.batch_size, chunk_size=args.chunk_size, device=device.type, arithmetic=arith.describe(),
     )
-    if is_complete(out, config, sampling):
+    if is_complete(out, config, sampling, args.image_pool):
         print(f"{out}: campaign already complete; nothing to do", flush=True)
         return 0
 
@@ -355,7 +359,7 @@ def _campaign(args: argparse.Namespace, argv: Sequence[str], arith: arithmetic.A
           f"format {args.format}, arithmetic {arith.label}, engine {args.engine}, shard {shard[0]}/{shard[1]}", flush=True)
     opened, stats = execute(
         out, config, model, layers, golden, evaluated, sampling=sampling, provenance=provenance, clamp_max=clamp_max,
-        device=device, shard=shard, progress=not args.no_progress,
+        device=device, shard=shard, progress=not args.no_progress, image_pool=args.image_pool,
     )
     wall = time.perf_counter() - t_start
     rate = stats.faults / stats.seconds if stats.seconds > 0 else float("nan")

@@ -31,6 +31,14 @@ from resilience.bitflip import NumberFormat, get_format
 from resilience.engines import get_engine
 from resilience.engines.base import Engine, FaultSites, ImageSource, InjectionResult
 from resilience.golden import Golden
+from resilience.image_pool import (
+    ImagePool,
+    campaign_images,
+    pool_note,
+    pool_summary,
+    pooled_tables,
+    uniform_layer_set,
+)
 from resilience.intervals import uniform_layer_interval
 from resilience.layers import LayerInfo, select_layers
 from resilience.metrics import CONFIDENCE, LayerStats, score_faults, summarize
@@ -359,12 +367,15 @@ class UniformCampaign(RecordedCampaign):
         faults = pa.concat_tables([self.read_part(unit) for unit in self.units()])
         rows = layer_rows(self, faults)
         network = network_level(rows)
+        pool = ImagePool.from_record(self.record)
+        if pool is not None:
+            pooled_tables(uniform_layer_set(faults, self.config.fault_format.bits, pool), rows, network, CONFIDENCE)
         title = f"ΔLoss per layer — {self.config.model} on {self.config.dataset}"
         summary = campaign_summary(self.record, network, {p.name: p.n for p in self.plans},
                                    "normal: mean ± z·s/√n over finite faults; mismatch: Wilson score")
         write_parquet(self.folder.file("faults.parquet"), faults)
         write_text(self.folder.file("layers.csv"), pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
-        write_text(self.folder.file("layers.md"), layers_markdown(rows, network, title))
+        write_text(self.folder.file("layers.md"), layers_markdown(rows, network, title) + pool_note(self.record, network))
         write_json(self.folder.file("summary.json"), summary)
         remove_stale_temporaries(self.folder.parts)
         return summary
@@ -373,7 +384,7 @@ class UniformCampaign(RecordedCampaign):
 def campaign_summary(record: dict[str, Any], network: dict[str, Any], n_per_layer: dict[str, int],
                      ci: str) -> dict[str, Any]:
     """The content of summary.json: network figures, provenance, config, golden facts (both samplings)."""
-    extra = {"stratified": record["stratified"]} if "stratified" in record else {}
+    extra = ({"stratified": record["stratified"]} if "stratified" in record else {}) | pool_summary(record)
     return {
         "network": network,
         **record["provenance"],
@@ -437,7 +448,7 @@ def run_units(
 ) -> RunStats:
     """Run the unfinished ``units`` layer by layer (a progress bar each) and persist every chunk."""
     stats = RunStats()
-    golden_set = golden.golden_set(cdir.config.golden)
+    golden_set = campaign_images(cdir.record, golden.golden_set(cdir.config.golden))
     by_layer: dict[int, list[Unit]] = {}
     for unit in units:
         by_layer.setdefault(unit.layer, []).append(unit)

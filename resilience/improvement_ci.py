@@ -20,30 +20,37 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from resilience.bitflip import FORMATS, get_format
-from resilience.intervals import Moments, ratio_interval, uniform_layer_moments
+from resilience.image_pool import ImagePool, LayerSet, uniform_layer_set
+from resilience.intervals import Moments, ratio_interval
 from resilience.storage import read_json
 
 DEFAULT_CONFIDENCE = 0.99
 
 
-def layer_moments(folder: Path) -> dict[str, Moments]:
-    """Per layer (in the order the records were written), the mean ΔLoss over finite faults with its moments,
-    post-stratified by flipped bit when the records name the bit (:func:`resilience.intervals.uniform_layer_moments`)."""
+def layer_set(folder: Path) -> LayerSet:
+    """Every layer's mean ΔLoss over finite faults with its moments (in the order the records were written),
+    post-stratified by flipped bit when the records name the bit (:func:`resilience.intervals.uniform_layer_moments`);
+    for a campaign with an image pool, also each layer's image effect (:mod:`resilience.image_pool`)."""
     folder = Path(folder)
     names = pq.read_schema(folder / "faults.parquet").names
-    columns = ["layer", "delta_loss", "finite"] + (["bit"] if "bit" in names else [])
-    table = pq.read_table(folder / "faults.parquet", columns=columns)
-    layers = np.asarray(table.column("layer").to_pylist())
-    values = table.column("delta_loss").to_numpy().astype(np.float64)
-    finite = table.column("finite").to_numpy()
     if "bit" not in names:
-        return {name: Moments.of_mean(values[(layers == name) & finite]) for name in dict.fromkeys(layers.tolist())}
-    bit, bits = table.column("bit").to_numpy(), _format_bits(folder)
-    return {
-        name: uniform_layer_moments(values[chosen], finite[chosen], bit[chosen], bits)
-        for name in dict.fromkeys(layers.tolist())
-        for chosen in [layers == name]
-    }
+        table = pq.read_table(folder / "faults.parquet", columns=["layer", "delta_loss", "finite"])
+        layers = np.asarray(table.column("layer").to_pylist())
+        values = table.column("delta_loss").to_numpy().astype(np.float64)
+        finite = table.column("finite").to_numpy()
+        return LayerSet({name: Moments.of_mean(values[(layers == name) & finite])
+                         for name in dict.fromkeys(layers.tolist())})
+    record = folder / "campaign.json"
+    pool = ImagePool.from_record(read_json(record)) if record.is_file() else None
+    columns = ["layer", "delta_loss", "finite", "bit"] + (["image"] if pool is not None else [])
+    return uniform_layer_set(pq.read_table(folder / "faults.parquet", columns=columns), _format_bits(folder), pool)
+
+
+def layer_moments(folder: Path) -> dict[str, Moments]:
+    """Per layer, the mean ΔLoss with its moments (:func:`layer_set`; with an image pool, its between-image
+    variance included)."""
+    layers = layer_set(folder)
+    return {name: layers.layer(name) for name in layers.within}
 
 
 def _format_bits(folder: Path) -> int:
@@ -62,11 +69,6 @@ def has_fault_records(folder: Path, summary: dict) -> bool:
     return (Path(folder) / "faults.parquet").is_file() and "stratified" not in summary
 
 
-def _mean_of(parts: Sequence[Moments], weights: Sequence[float] | None = None) -> Moments:
-    w = np.ones(len(parts)) if weights is None else np.asarray(weights, dtype=np.float64)
-    return Moments.weighted_sum(w / w.sum(), parts)
-
-
 def improvement_intervals(
     base_dir: Path, text_dir: Path, base_last: str, text_last: Sequence[tuple[str, int]],
     *, confidence: float = DEFAULT_CONFIDENCE,
@@ -79,11 +81,11 @@ def improvement_intervals(
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    base, text = layer_moments(base_dir), layer_moments(text_dir)
-    base_network, text_network = _mean_of(list(base.values())), _mean_of(list(text.values()))
-    text_last_mean = _mean_of([text[name] for name, _ in text_last], [n for _, n in text_last])
+    base, text = layer_set(base_dir), layer_set(text_dir)
+    base_network, text_network = base.mean(), text.mean()
+    text_last_mean = text.mean([name for name, _ in text_last], [n for _, n in text_last])
     return {
-        "last_layer": ratio_interval(base[base_last], text_last_mean, confidence),
+        "last_layer": ratio_interval(base.layer(base_last), text_last_mean, confidence),
         "overall": ratio_interval(base_network, text_network, confidence),
         "baseline_network": base_network.interval(confidence),
         "text_network": text_network.interval(confidence),

@@ -39,6 +39,7 @@ from resilience.campaign import (
 )
 from resilience.engines.base import Engine, ImageSource
 from resilience.golden import Golden
+from resilience.image_pool import pool_entries, pool_matches
 from resilience.layers import LayerInfo
 from resilience.metrics import CONFIDENCE
 from resilience.stratified_campaign import STRATIFIED_FORMAT, StratifiedCampaign
@@ -171,6 +172,7 @@ def execute(
     progress: bool = True,
     log: Callable[[str], None] = print,
     after_chunk: Callable[[int], None] | None = None,
+    image_pool: int | None = None,
 ) -> tuple[Campaign, RunStats]:
     """Plan the campaign, claim its folder, run this shard's unfinished work; the caller assembles once
     ``missing()`` is empty.
@@ -178,12 +180,17 @@ def execute(
     ``model`` must already be in evaluation mode, in the config's number format and on its device;
     ``layers`` are all its discovered layers; ``golden`` holds its fault-free outputs; ``clamp_max`` is
     the layer profile (``clamp=profile`` only). ``after_chunk`` is called with the size of every chunk
-    of faults finished.
+    of faults finished. ``image_pool`` K draws the faults' images from a pool of K golden images
+    (docs/image_pool.md; None or K >= the golden set: all of them).
     """
     config = sampling.campaign_config(config)
     plans, clamp, engine = prepare_engine(config, model, layers, golden, clamp_max, device)
     record = build_record(config, plans, golden, clamp, {**(provenance or {}), "engine": engine.describe()})
-    campaign = sampling.campaign(out, claim_folder(out, record | sampling.entries()))
+    try:
+        pool = pool_entries(config.seed, golden.golden_set(config.golden), image_pool)
+    except ValueError as exc:
+        raise CampaignError(str(exc)) from None
+    campaign = sampling.campaign(out, claim_folder(out, record | sampling.entries() | pool))
     if config.injections is None:
         counts = [p.n for p in plans]
         log(f"Leveugle n per layer (margin {config.margin}, confidence {config.confidence}): "
@@ -192,15 +199,16 @@ def execute(
     return campaign, stats
 
 
-def is_complete(out: Path, config: CampaignConfig, sampling: Sampling) -> bool:
-    """Whether ``out`` holds this campaign, finished and assembled (a rerun has nothing to do)."""
+def is_complete(out: Path, config: CampaignConfig, sampling: Sampling, image_pool: int | None = None) -> bool:
+    """Whether ``out`` holds this campaign (with this ``image_pool``), finished and assembled (a rerun has
+    nothing to do)."""
     if not CampaignFolder(out).file("summary.json").is_file():
         return False
     with contextlib.suppress(CampaignError, TypeError, ValueError, KeyError):
         campaign = open_campaign(out)
         stored = {key: campaign.record.get(key) for key in sampling.entries()}
         return (stored == sampling.entries() and campaign.config == sampling.campaign_config(config)
-                and not campaign.missing())
+                and pool_matches(campaign.record, image_pool) and not campaign.missing())
     return False
 
 

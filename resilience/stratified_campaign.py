@@ -48,6 +48,7 @@ from resilience.campaign import (
 )
 from resilience.engines.base import Engine, FaultSites, ImageSource
 from resilience.golden import Golden
+from resilience.image_pool import ImagePool, campaign_images, pool_note, pooled_tables, stratified_layer_set
 from resilience.metrics import CONFIDENCE
 from resilience.storage import (
     read_json,
@@ -204,7 +205,8 @@ class StratifiedCampaign(RecordedCampaign):
         plan = self.plans[position]
         fmt = get_format(self.config.format)
         strata = st.make_strata(fmt, self.grouping)
-        draw = st.stratum_drawer(self.config.seed, plan.name, golden.golden_set(self.config.golden), plan.neurons)
+        images = campaign_images(self.record, golden.golden_set(self.config.golden))
+        draw = st.stratum_drawer(self.config.seed, plan.name, images, plan.neurons)
         with tqdm(total=self.adaptive.max_injections, unit="fault", disable=not progress, desc=desc or plan.name,
                   dynamic_ncols=True, leave=True) as bar:
 
@@ -300,16 +302,22 @@ class StratifiedCampaign(RecordedCampaign):
         network = network_level(rows)
         uniform_n = float(sum(r["uniform_equivalent_n"] for r in rows))
         network |= {"uniform_equivalent_n": uniform_n, "saving_factor": uniform_n / network["faults"]}
+        tables = [self.layer_faults(i, f) for i, f in enumerate(finished)]
+        pool = ImagePool.from_record(self.record)
+        if pool is not None:
+            strata = [s.name for s in st.make_strata(get_format(self.config.format), self.grouping)]
+            by_layer = {row["layer"]: table for row, table in zip(rows, tables, strict=True)}
+            pooled_tables(stratified_layer_set(pool, by_layer, strata), rows, network, CONFIDENCE)
         summary = campaign_summary(
             self.record, network, {r["layer"]: r["n"] for r in rows},
             "stratified combined ratio estimator over estimation rounds, delta-method variance, skewness-corrected "
             "(Hall) interval (docs/stratified.md)")
-        faults = pa.concat_tables([self.layer_faults(i, f) for i, f in enumerate(finished)])
+        faults = pa.concat_tables(tables)
         write_parquet(self.folder.file("faults.parquet"), faults)
         write_text(self.folder.file("layers.csv"), pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
         write_text(self.folder.file("strata.csv"), pd.DataFrame(strata_rows).to_csv(index=False, lineterminator="\n"))
         title = f"ΔLoss per layer (stratified) — {self.config.model} on {self.config.dataset}"
-        write_text(self.folder.file("layers.md"), stratified_markdown(rows, network, title))
+        write_text(self.folder.file("layers.md"), stratified_markdown(rows, network, title) + pool_note(self.record, network))
         write_json(self.folder.file("summary.json"), summary)
         for leftover in self.folder.round_chunks():  # chunks of a round whose file was written before a kill
             leftover.unlink()
