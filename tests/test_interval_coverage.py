@@ -206,6 +206,25 @@ def test_network_level_and_ratio_intervals_cover() -> None:
         assert row.coverage >= 0.97, row
 
 
+def test_summary_over_layers_names_the_worst_layer_and_counts_misses() -> None:
+    def row(name: str, kind: str, cover: float, bias: float) -> ic.Coverage:
+        return ic.Coverage(f"c:{name} {kind}", 500, 1024, bias, 0.01, cover, 0.5)
+
+    rows = {"c:conv1": [row("conv1", "uniform", 0.97, 0.05), row("conv1", "fixed", 0.99, 0.0)],
+            "c:fc": [row("fc", "uniform", 0.995, -0.01), row("fc", "fixed", 0.985, 0.02)]}
+    uniform, fixed = ic.across_layers("c", rows)
+    cells = [c.strip() for c in uniform.split("|")[1:-1]]
+    # estimator, layers, seeds, injections, lowest coverage (layer), median, layers < 98%, largest |bias|/SE, width
+    assert cells == ["c: uniform", "2", "500", "1,024", "97.0% (`conv1`)", "98.2%", "1", "5.0", "50.0%"]
+    assert fixed.split("|")[5].strip() == "98.5% (`fc`)" and fixed.split("|")[7].strip() == "0"
+
+
+def test_equal_width_injections_scale_with_the_squared_width_ratio() -> None:
+    uniform = ic.Coverage("u", 500, 4096, 0.0, 0.01, 0.99, 0.3)
+    stratified = ic.Coverage("s", 500, 2000, 0.0, 0.01, 0.99, 0.1)
+    assert ic.equal_width_injections(uniform, 4096, stratified) == pytest.approx(9 * 4096)
+
+
 # ----------------------------------------------------------------------------------------- real campaigns
 
 
@@ -229,8 +248,14 @@ def test_campaign_population_is_the_uniform_campaigns_target(tmp_path: Path) -> 
         ic.campaign_population(tmp_path / "short", "l")
 
 
-def test_benchmark_script_refuses_a_folder_without_faults(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_coverage.py"), "--campaign", str(tmp_path)],
+@pytest.mark.parametrize("case", ["no faults", "bad regex"])
+def test_benchmark_script_refuses_bad_input_in_one_line(tmp_path: Path, case: str) -> None:
+    args = ["--campaign", str(tmp_path)]
+    if case == "bad regex":
+        write_faults(tmp_path, list(range(32)) * 2, [1.0] * 64)
+        args += ["--stratified-layers", "("]
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_coverage.py"), *args],
                           capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 2 and done.stderr.startswith("error: ") and "faults.parquet" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    assert ("faults.parquet" if case == "no faults" else "regular expression") in done.stderr
     assert done.stderr.count("\n") == 1
