@@ -225,3 +225,26 @@ def ratio_interval(a: Moments, b: Moments, confidence: float, span: float = 1e6)
         return lo if step > 0 else hi
 
     return edge(-1), edge(1)
+
+
+def ratio_interval_by_arms(a: Moments, b: Moments, confidence: float) -> tuple[float, float]:
+    """Fieller interval of θ_A / θ_B for independent positive estimates, each side from the Hall intervals' arms.
+
+    Each estimate's Hall interval gives a lower and an upper arm, (θ̂ − low)/z and (high − θ̂)/z. A ratio ρ
+    above θ̂_A/θ̂_B is too large if θ_A sits below its estimate's upper reach or θ_B above its lower one, so
+    the upper end solves (θ̂_A − ρ θ̂_B)² = z² (upper arm of A² + ρ² lower arm of B²), and the lower end
+    the same with the other arms. Without skewness both arms are the standard error and this is Fieller's
+    interval; unlike a test of θ̂_A − ρ θ̂_B with its combined skewness, the right tail of the numerator
+    is not diluted by the denominator's. An end beyond reach is 0 or infinity.
+    """
+    if not (a.value > 0 and b.value > 0 and math.isfinite(a.variance) and math.isfinite(b.variance)):
+        return math.nan, math.nan
+    (a_low, a_high), (b_low, b_high) = a.interval(confidence), b.interval(confidence)
+    cross = a.value * b.value
+    # ρ solves q(ρ) = (θ̂_B² − (z·arm_B)²) ρ² − 2 θ̂_A θ̂_B ρ + θ̂_A² − (z·arm_A)² = 0, q < 0 at θ̂_A/θ̂_B
+    lead, const = b.value**2 - (b_high - b.value) ** 2, a.value**2 - (a.value - a_low) ** 2
+    low = 0.0 if const <= 0 else const / (cross + math.sqrt(cross * cross - lead * const))
+    lead, const = b.value**2 - (b.value - b_low) ** 2, a.value**2 - (a_high - a.value) ** 2
+    high = math.inf if lead <= 0 else (cross + math.sqrt(cross * cross - lead * const)) / lead
+    return low, high
+
