@@ -12,7 +12,8 @@ stratified one at each fixed ``--budget`` and run adaptively to ``--target-ci`` 
 layers (lowest and median coverage), and every population with an adaptive row the injections a uniform
 campaign would need for the same median interval width (the saving). Then the network level (mean over
 layers) and the improvement ratio of two models under uniform sampling: synthetic layers, or the layers
-of the first two campaigns. Prints Markdown rows as they finish; ``--out`` also writes them.
+of the first two campaigns (``--network-only``: these rows alone). Prints Markdown rows as they finish;
+``--out`` also writes them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--network-layers", type=int, default=4, help="synthetic layers per model")
     parser.add_argument("--no-synthetic", action="store_true",
                         help="campaign populations only (and no network rows unless two campaigns are given)")
+    parser.add_argument("--network-only", action="store_true",
+                        help="only the network level and improvement ratio of the first two campaigns")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the rows here (Markdown)")
     return parser
 
@@ -90,23 +93,12 @@ def saving_lines(rows: dict[str, list[ic.Coverage]], n: int, echo: Callable[[str
     echo(f"| all {len(found)} | {total:,.0f} | | | {sum(needed):,.0f} | {sum(needed) / total:.1f}× |")
 
 
-def main(opts: argparse.Namespace) -> int:
-    """Run every simulation and print (and write) the table."""
-    if opts.seeds < 2 or opts.target_ci <= 0 or min(opts.uniform_n + opts.budget) < 2 or opts.network_layers < 1:
-        raise UserError("need --seeds >= 2, --target-ci > 0, budgets and --uniform-n >= 2, --network-layers >= 1")
-    models = [campaign_populations(folder, opts.layers) for folder in opts.campaign]
-    lines: list[str] = []
-
-    def echo(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    seeds = range(opts.seeds)
-    echo(ic.HEADER)
+def layer_rows(models: list[list[ic.Population]], opts: argparse.Namespace, echo: Callable[[str], None]) -> None:
+    """The rows of every single population, the summaries over each campaign's layers and the savings."""
     synthetic = [] if opts.no_synthetic else [ic.synthetic_population()]
     names = {p.name for m in models for p in m}
     stratified = regex(opts.stratified_layers or "")
-    rows = ic.report([*synthetic, *(p for m in models for p in m)], seeds, opts.uniform_n, opts.budget,
+    rows = ic.report([*synthetic, *(p for m in models for p in m)], range(opts.seeds), opts.uniform_n, opts.budget,
                      opts.target_ci, opts.cap, opts.pilot, echo,
                      lambda p: p.name not in names or bool(stratified.search(p.name.split(":", 1)[1])))
     for folder, model in zip(opts.campaign, models, strict=True):
@@ -116,6 +108,25 @@ def main(opts: argparse.Namespace) -> int:
             for line in ic.across_layers(Path(folder).name, {p.name: rows[p.name] for p in model}):
                 echo(line)
     saving_lines(rows, max(opts.uniform_n), echo)
+
+
+def main(opts: argparse.Namespace) -> int:
+    """Run every simulation and print (and write) the table."""
+    if opts.seeds < 2 or opts.target_ci <= 0 or min(opts.uniform_n + opts.budget) < 2 or opts.network_layers < 1:
+        raise UserError("need --seeds >= 2, --target-ci > 0, budgets and --uniform-n >= 2, --network-layers >= 1")
+    if opts.network_only and len(opts.campaign) < 2:
+        raise UserError("--network-only needs two --campaign folders (baseline, then text)")
+    models = [campaign_populations(folder, opts.layers) for folder in opts.campaign]
+    lines: list[str] = []
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    seeds = range(opts.seeds)
+    echo(ic.HEADER)
+    if not opts.network_only:
+        layer_rows(models, opts, echo)
     if len(models) >= 2:
         base, text = models[0], models[1]
     elif opts.no_synthetic:
