@@ -260,14 +260,15 @@ def test_campaign_population_is_the_uniform_campaigns_target(tmp_path: Path) -> 
         ic.campaign_population(tmp_path / "short", "l")
 
 
-@pytest.mark.parametrize("case", ["no faults", "bad regex"])
-def test_benchmark_script_refuses_bad_input_in_one_line(tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize(("case", "message"), [("no faults", "faults.parquet"), ("bad regex", "regular expression"),
+                                                ("one campaign", "two --campaign")])
+def test_benchmark_script_refuses_bad_input_in_one_line(tmp_path: Path, case: str, message: str) -> None:
     args = ["--campaign", str(tmp_path)]
-    if case == "bad regex":
+    if case != "no faults":
         write_faults(tmp_path, list(range(32)) * 2, [1.0] * 64)
-        args += ["--stratified-layers", "("]
+        args += ["--stratified-layers", "("] if case == "bad regex" else ["--network-only"]
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_coverage.py"), *args],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.startswith("error: ")
-    assert ("faults.parquet" if case == "no faults" else "regular expression") in done.stderr
+    assert message in done.stderr
     assert done.stderr.count("\n") == 1
