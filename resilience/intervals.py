@@ -13,7 +13,7 @@ which removes the 1/√n skewness term of T's Edgeworth expansion, so that g(T) 
 For a plain mean of n draws γ = skew(X)/√n and this is Hall's interval; for weighted sums of
 independent means (stratified estimates, the mean over layers, neuron-weighted layers) V and κ₃ add
 up with the squared and cubed weights. A ratio of two independent estimates gets a Fieller-type
-interval: the set of ρ for which θ̂_A − ρ·θ̂_B is compatible with 0 under the same corrected test.
+interval built from the arms of the two corrected intervals.
 """
 
 from __future__ import annotations
@@ -184,50 +184,7 @@ def studentised_bounds(skewness: float, confidence: float) -> tuple[float, float
     return float(inverse(-z)), float(inverse(z))
 
 
-def _compatible(a: Moments, b: Moments, rho: float, confidence: float) -> bool:
-    """Whether the ratio ρ is inside the corrected interval: θ̂_A − ρ·θ̂_B is compatible with 0."""
-    diff = Moments.weighted_sum([1.0, -rho], [a, b])
-    if not diff.variance > 0:
-        return diff.value == 0
-    t_low, t_high = studentised_bounds(diff.skewness, confidence)
-    return t_low <= diff.value / diff.se <= t_high
-
-
-def ratio_interval(a: Moments, b: Moments, confidence: float, span: float = 1e6) -> tuple[float, float]:
-    """Skewness-corrected Fieller interval of θ_A / θ_B for independent positive estimates A and B.
-
-    The interval is the run of compatible ratios around θ̂_A/θ̂_B, searched over ``span`` times below and
-    above it; an end that is still compatible there is reported as 0 or infinity (B is then not
-    distinguishable from 0, or A from 0, at this confidence).
-    """
-    if not (a.value > 0 and b.value > 0 and math.isfinite(a.variance) and math.isfinite(b.variance)):
-        return math.nan, math.nan
-    centre = a.value / b.value
-    grid = centre * np.logspace(-math.log10(span), math.log10(span), 481)
-    inside = np.array([_compatible(a, b, rho, confidence) for rho in grid])
-    middle = len(grid) // 2
-    if not inside[middle]:  # possible only for extreme skewness; fall back to the centre alone
-        return centre, centre
-
-    def edge(step: int) -> float:
-        i = middle
-        while 0 <= i + step < len(grid) and inside[i + step]:
-            i += step
-        if not 0 <= i + step < len(grid):
-            return 0.0 if step < 0 else math.inf
-        lo, hi = sorted((grid[i], grid[i + step]))
-        for _ in range(40):  # bisection on log ρ between the last compatible and the first incompatible point
-            mid = math.sqrt(lo * hi)
-            if _compatible(a, b, mid, confidence) == (step > 0):
-                lo = mid
-            else:
-                hi = mid
-        return lo if step > 0 else hi
-
-    return edge(-1), edge(1)
-
-
-def ratio_interval_by_arms(a: Moments, b: Moments, confidence: float) -> tuple[float, float]:
+def ratio_interval(a: Moments, b: Moments, confidence: float) -> tuple[float, float]:
     """Fieller interval of θ_A / θ_B for independent positive estimates, each side from the Hall intervals' arms.
 
     Each estimate's Hall interval gives a lower and an upper arm, (θ̂ − low)/z and (high − θ̂)/z. A ratio ρ
@@ -235,7 +192,8 @@ def ratio_interval_by_arms(a: Moments, b: Moments, confidence: float) -> tuple[f
     the upper end solves (θ̂_A − ρ θ̂_B)² = z² (upper arm of A² + ρ² lower arm of B²), and the lower end
     the same with the other arms. Without skewness both arms are the standard error and this is Fieller's
     interval; unlike a test of θ̂_A − ρ θ̂_B with its combined skewness, the right tail of the numerator
-    is not diluted by the denominator's. An end beyond reach is 0 or infinity.
+    is not diluted by the denominator's. An end beyond reach is 0 (A not distinguishable from 0) or
+    infinity (B not distinguishable from 0).
     """
     if not (a.value > 0 and b.value > 0 and math.isfinite(a.variance) and math.isfinite(b.variance)):
         return math.nan, math.nan
