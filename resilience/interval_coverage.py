@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from resilience.sampling import stable_seed
 FP32 = FORMATS["fp32"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared (and hashed) by identity: the simulated campaigns are cached by population
 class Population:
     """One layer's fault population by bit: ``per_bit[b]`` holds the ΔLoss of the faults flipping bit b."""
 
@@ -132,6 +132,13 @@ def uniform_moments(bits: np.ndarray, values: np.ndarray) -> Moments:
     return uniform_layer_moments(values, np.isfinite(values), bits, FP32.bits)
 
 
+@cache
+def post_stratified(population: Population, n: int, seed: int) -> Moments:
+    """:func:`uniform_moments` of the uniform campaign (``population``, ``n``, ``seed``); cached, as the layer
+    rows and the network rows simulate the same campaigns."""
+    return uniform_moments(*uniform_draw(population, n, seed))
+
+
 def stratified_run(population: Population, seed: int, config: st.AdaptiveConfig) -> st.StratifiedResult:
     """``run_adaptive`` on ``population`` (bit strata), draws seeded by (seed, stratum, round)."""
     strata = st.make_strata(FP32, "bit")
@@ -189,7 +196,7 @@ def simulate_uniform(population: Population, n: int, seeds: Sequence[int], confi
     draws = [uniform_draw(population, n, seed) for seed in seeds]
     finite = [v[np.isfinite(v)] for _, v in draws]
     plain = [Moments.of_mean(v) for v in finite]
-    post = [uniform_moments(bits, v) for bits, v in draws]
+    post = [post_stratified(population, n, seed) for seed in seeds]
     values = [m.value for m in plain]
     label, truth, spent = f"{population.name} uniform n={n}", population.truth, [n] * len(draws)
     return [
@@ -216,34 +223,66 @@ def simulate_network(base: Sequence[Population], text: Sequence[Population], n: 
     nets: dict[str, list[Moments]] = {"base": [], "text": []}
     for seed in seeds:
         for key, layers in (("base", base), ("text", text)):
-            parts = [uniform_moments(*uniform_draw(p, n, seed)) for p in layers]
+            parts = [post_stratified(p, n, seed) for p in layers]
             nets[key].append(Moments.weighted_sum(np.full(len(parts), 1 / len(parts)), parts))
     rows = [
         coverage(f"network level ({key}, {len(layers)} layers) uniform n={n}, post-stratified Hall", truth[key],
                  [m.value for m in nets[key]], [m.interval(confidence) for m in nets[key]], [n * len(layers)] * len(seeds))
         for key, layers in (("base", base), ("text", text))
     ]
-    ratios = [a.value / b.value for a, b in zip(nets["base"], nets["text"], strict=True)]
-    rows.append(coverage(f"improvement ratio uniform n={n}, post-stratified Fieller-Hall", truth["base"] / truth["text"], ratios,
-                         [ratio_interval(a, b, confidence) for a, b in zip(nets["base"], nets["text"], strict=True)],
-                         [n * (len(base) + len(text))] * len(seeds)))
+    pairs = list(zip(nets["base"], nets["text"], strict=True))
+    ratios = [a.value / b.value for a, b in pairs]
+    rows.append(coverage(f"improvement ratio uniform n={n}, post-stratified Fieller on Hall arms", truth["base"] / truth["text"],
+                         ratios, [ratio_interval(a, b, confidence) for a, b in pairs], [n * (len(base) + len(text))] * len(seeds)))
     return rows
 
 
 def report(populations: Sequence[Population], seeds: Sequence[int], uniform_n: Sequence[int],
            budgets: Sequence[int], target: float, cap: int, pilot: int = 16,
-           echo: Callable[[str], None] = print) -> list[Coverage]:
-    """Every single-layer row for every population (uniform at ``uniform_n``, stratified at fixed ``budgets``
-    and adaptive to ``target``), echoed as they finish; returns them."""
-    rows = []
+           echo: Callable[[str], None] = print,
+           stratify: Callable[[Population], bool] = lambda _: True) -> dict[str, list[Coverage]]:
+    """Every single-layer row for every population (uniform at ``uniform_n``; for the populations ``stratify``
+    picks, stratified at fixed ``budgets`` and adaptive to ``target``), echoed as they finish; returns them
+    by population name."""
+    rows = {}
     for population in populations:
         echo(f"# {population.name}: true mean ΔLoss {population.truth:.6g}")
         found = [*(r for n in uniform_n for r in simulate_uniform(population, n, seeds))]
-        found += [simulate_stratified(population, st.AdaptiveConfig(target_rel=None, max_injections=b, pilot=pilot),
-                                      seeds, f"fixed {b}") for b in budgets]
-        found.append(simulate_stratified(population, st.AdaptiveConfig(target_rel=target, max_injections=cap,
-                                                                        pilot=pilot), seeds, f"to ±{target:g} (cap {cap})"))
+        if stratify(population):
+            found += [simulate_stratified(population, st.AdaptiveConfig(target_rel=None, max_injections=b, pilot=pilot),
+                                          seeds, f"fixed {b}") for b in budgets]
+            found.append(simulate_stratified(population, st.AdaptiveConfig(target_rel=target, max_injections=cap,
+                                                                            pilot=pilot), seeds, f"to ±{target:g} (cap {cap})"))
         for row in found:
             echo(row.row())
-        rows += found
+        rows[population.name] = found
     return rows
+
+
+ACROSS_HEADER = ("| layers, estimate and interval | layers | seeds | mean injections per layer | 99% coverage: lowest (layer) "
+                 "| median | layers < 98% | largest \\|bias\\| / SE | median ± / truth (median over layers) |\n"
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def across_layers(title: str, rows: dict[str, list[Coverage]]) -> list[str]:
+    """One Markdown row per estimator over many layers (``rows``: a population's rows by its name): the lowest
+    coverage and its layer, the median, how many layers fall below 98%, the largest |bias| in SE."""
+    kinds: dict[str, list[tuple[str, Coverage]]] = {}
+    for name, found in rows.items():
+        for row in found:
+            kinds.setdefault(row.label.removeprefix(f"{name} "), []).append((name, row))
+    lines = []
+    for kind, found in kinds.items():
+        cov = np.array([r.coverage for _, r in found])
+        worst = found[int(np.argmin(cov))][0].rsplit(":", 1)[-1]
+        ratio = max(abs(r.bias) / r.bias_se if r.bias_se > 0 else 0.0 for _, r in found)
+        lines.append(f"| {title}: {kind} | {len(found)} | {found[0][1].runs} | {np.mean([r.mean_n for _, r in found]):,.0f} "
+                     f"| {100 * cov.min():.1f}% (`{worst}`) | {100 * np.median(cov):.1f}% | {int(np.sum(cov < 0.98))} "
+                     f"| {ratio:.1f} | {100 * np.median([r.rel_half_width for _, r in found]):.1f}% |")
+    return lines
+
+
+def equal_width_injections(uniform: Coverage, n: int, stratified: Coverage) -> float:
+    """Injections a uniform campaign needs for the median interval width of ``stratified``, from its own median
+    width at ``n`` injections (widths shrink as 1/√n): n·(h_U / h_S)²."""
+    return n * (uniform.rel_half_width / stratified.rel_half_width) ** 2

@@ -60,16 +60,27 @@ def test_hall_interval_is_normal_without_skew_and_leans_with_it() -> None:
 
 
 def test_ratio_interval_is_fiellers_without_skew() -> None:
+    interval = ratio_interval
     # B known exactly: the interval of A divided by b
-    assert ratio_interval(Moments(10.0, 1.0), Moments(2.0, 0.0), 0.99) == pytest.approx(((10 - Z) / 2, (10 + Z) / 2))
+    assert interval(Moments(10.0, 1.0), Moments(2.0, 0.0), 0.99) == pytest.approx(((10 - Z) / 2, (10 + Z) / 2))
     # Fieller: (a − ρ b)² = z² (v_a + ρ² v_b)  ⇔  (b² − z² v_b) ρ² − 2ab ρ + a² − z² v_a = 0
     a, va, b, vb = 10.0, 1.0, 2.0, 0.04
     qa, qb, qc = b * b - Z * Z * vb, -2 * a * b, a * a - Z * Z * va
     roots = sorted((-qb + s * math.sqrt(qb * qb - 4 * qa * qc)) / (2 * qa) for s in (-1, 1))
-    assert ratio_interval(Moments(a, va), Moments(b, vb), 0.99) == pytest.approx(roots, rel=1e-6)
+    assert interval(Moments(a, va), Moments(b, vb), 0.99) == pytest.approx(roots, rel=1e-6)
     # a denominator indistinguishable from 0 leaves the interval open above
-    low, high = ratio_interval(Moments(10.0, 1.0), Moments(1.0, 1.0), 0.99)
+    low, high = interval(Moments(10.0, 1.0), Moments(1.0, 1.0), 0.99)
     assert 0 < low < 10 and high == math.inf
+
+
+def test_ratio_by_arms_keeps_the_numerators_skewed_interval() -> None:
+    skewed = Moments(10.0, 4.0, 8.0)
+    low, high = skewed.interval(0.99)
+    # an exact denominator: exactly A's Hall interval over b, where the combined test would not lean as far
+    assert ratio_interval(skewed, Moments(2.0, 0.0), 0.99) == pytest.approx((low / 2, high / 2))
+    # an uncertain denominator widens both ends beyond that
+    wide = ratio_interval(skewed, Moments(2.0, 0.01, 0.001), 0.99)
+    assert wide[0] < low / 2 and wide[1] > high / 2
 
 
 # ----------------------------------------------------------------------------------------- exact unbiasedness
@@ -206,6 +217,25 @@ def test_network_level_and_ratio_intervals_cover() -> None:
         assert row.coverage >= 0.97, row
 
 
+def test_summary_over_layers_names_the_worst_layer_and_counts_misses() -> None:
+    def row(name: str, kind: str, cover: float, bias: float) -> ic.Coverage:
+        return ic.Coverage(f"c:{name} {kind}", 500, 1024, bias, 0.01, cover, 0.5)
+
+    rows = {"c:conv1": [row("conv1", "uniform", 0.97, 0.05), row("conv1", "fixed", 0.99, 0.0)],
+            "c:fc": [row("fc", "uniform", 0.995, -0.01), row("fc", "fixed", 0.985, 0.02)]}
+    uniform, fixed = ic.across_layers("c", rows)
+    cells = [c.strip() for c in uniform.split("|")[1:-1]]
+    # estimator, layers, seeds, injections, lowest coverage (layer), median, layers < 98%, largest |bias|/SE, width
+    assert cells == ["c: uniform", "2", "500", "1,024", "97.0% (`conv1`)", "98.2%", "1", "5.0", "50.0%"]
+    assert fixed.split("|")[5].strip() == "98.5% (`fc`)" and fixed.split("|")[7].strip() == "0"
+
+
+def test_equal_width_injections_scale_with_the_squared_width_ratio() -> None:
+    uniform = ic.Coverage("u", 500, 4096, 0.0, 0.01, 0.99, 0.3)
+    stratified = ic.Coverage("s", 500, 2000, 0.0, 0.01, 0.99, 0.1)
+    assert ic.equal_width_injections(uniform, 4096, stratified) == pytest.approx(9 * 4096)
+
+
 # ----------------------------------------------------------------------------------------- real campaigns
 
 
@@ -229,8 +259,15 @@ def test_campaign_population_is_the_uniform_campaigns_target(tmp_path: Path) -> 
         ic.campaign_population(tmp_path / "short", "l")
 
 
-def test_benchmark_script_refuses_a_folder_without_faults(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_coverage.py"), "--campaign", str(tmp_path)],
+@pytest.mark.parametrize(("case", "message"), [("no faults", "faults.parquet"), ("bad regex", "regular expression"),
+                                                ("one campaign", "two --campaign")])
+def test_benchmark_script_refuses_bad_input_in_one_line(tmp_path: Path, case: str, message: str) -> None:
+    args = ["--campaign", str(tmp_path)]
+    if case != "no faults":
+        write_faults(tmp_path, list(range(32)) * 2, [1.0] * 64)
+        args += ["--stratified-layers", "("] if case == "bad regex" else ["--network-only"]
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_coverage.py"), *args],
                           capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 2 and done.stderr.startswith("error: ") and "faults.parquet" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    assert message in done.stderr
     assert done.stderr.count("\n") == 1
