@@ -43,11 +43,13 @@ from resilience.campaign import (
     RunStats,
     campaign_summary,
     chunk_table,
+    network_ci_text,
     network_level,
     shard_units,
 )
 from resilience.engines.base import Engine, FaultSites, ImageSource
 from resilience.golden import Golden
+from resilience.improvement_ci import network_interval, records_moments
 from resilience.metrics import CONFIDENCE
 from resilience.storage import (
     read_json,
@@ -297,14 +299,15 @@ class StratifiedCampaign(RecordedCampaign):
         finished = [self.finished_layer(i) for i in range(len(self.plans))]
         rows = [f["row"] for f in finished]
         strata_rows = [{"layer": f["row"]["layer"], **s} for f in finished for s in f["strata"]]
-        network = network_level(rows)
+        faults = pa.concat_tables([self.layer_faults(i, f) for i, f in enumerate(finished)])
+        bits = get_format(self.config.format).bits
+        network = network_level(rows) | network_interval(list(records_moments(faults, bits).values()))
         uniform_n = float(sum(r["uniform_equivalent_n"] for r in rows))
         network |= {"uniform_equivalent_n": uniform_n, "saving_factor": uniform_n / network["faults"]}
         summary = campaign_summary(
             self.record, network, {r["layer"]: r["n"] for r in rows},
             "stratified combined ratio estimator over estimation rounds, delta-method variance, skewness-corrected "
             "(Hall) interval (docs/stratified.md)")
-        faults = pa.concat_tables([self.layer_faults(i, f) for i, f in enumerate(finished)])
         write_parquet(self.folder.file("faults.parquet"), faults)
         write_text(self.folder.file("layers.csv"), pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
         write_text(self.folder.file("strata.csv"), pd.DataFrame(strata_rows).to_csv(index=False, lineterminator="\n"))
@@ -341,7 +344,8 @@ def stratified_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any],
         )
     lines += [
         "",
-        f"Network level (mean over {network['layers']} layers): ΔLoss {g(network['delta_loss'])}, "
+        f"Network level (mean over {network['layers']} layers): ΔLoss {g(network['delta_loss'])} "
+        f"{network_ci_text(network)}, "
         f"mismatch {g(100 * network['mismatch_rate'], '.2f')}%; {network['faults']} injections where a uniform "
         f"campaign needs {g(network['uniform_equivalent_n'], '.0f')} for the same intervals "
         f"(saving {g(network['saving_factor'], '.1f')}x). Per-stratum figures: strata.csv.",
