@@ -72,7 +72,7 @@ GOLDEN_PASS_COST = 3.0
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _population(draws: int, distinct: int) -> float:
+def population_size(draws: int, distinct: int) -> float:
     """The G for which ``draws`` uniform draws with replacement hit ``distinct`` of G items on average
     (infinite when no draw repeats)."""
     if distinct >= draws:
@@ -543,7 +543,7 @@ class FastEngine(Engine):
         store = self._context.store
         started = len(self.counts)
         remaining = len(self.layers) - started
-        size = _population(store.asked, len(store.seen))
+        size = population_size(store.asked, len(store.seen))
         if remaining <= 0 or math.isinf(size):
             return 0.0
         return store.asked / started * remaining / size * min(1.0, store.capacity / size)
