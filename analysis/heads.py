@@ -171,7 +171,7 @@ def seed_rows(plan: HeadsPlan) -> list[dict[str, Any]]:
             result = CampaignResult.load(plan.campaign_dir(variant, seed))
             last, last_layers = _last_layer(result)
             intervals = dict.fromkeys(("last_layer", "overall", "baseline_network"), (math.nan, math.nan))
-            if has_fault_records(base.path, base.summary) and has_fault_records(result.path, result.summary):
+            if has_fault_records(base.path) and has_fault_records(result.path):
                 intervals = improvement_intervals(base.path, result.path, base_layers[0][0], last_layers)
             low, high = intervals["baseline_network"]
             counts = sorted(set(result.summary["n_per_layer"].values()))

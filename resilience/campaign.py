@@ -39,6 +39,7 @@ from resilience.image_pool import (
     pooled_tables,
     uniform_layer_set,
 )
+from resilience.improvement_ci import network_interval
 from resilience.intervals import uniform_layer_interval
 from resilience.layers import LayerInfo, select_layers
 from resilience.metrics import CONFIDENCE, LayerStats, score_faults, summarize
@@ -366,10 +367,11 @@ class UniformCampaign(RecordedCampaign):
 
         faults = pa.concat_tables([self.read_part(unit) for unit in self.units()])
         rows = layer_rows(self, faults)
-        network = network_level(rows)
         pool = ImagePool.from_record(self.record)
+        layers = uniform_layer_set(faults, self.config.fault_format.bits, pool)
+        network = network_level(rows) | network_interval(layers)
         if pool is not None:
-            pooled_tables(uniform_layer_set(faults, self.config.fault_format.bits, pool), rows, network, CONFIDENCE)
+            pooled_tables(layers, rows, network, CONFIDENCE)
         title = f"ΔLoss per layer — {self.config.model} on {self.config.dataset}"
         summary = campaign_summary(self.record, network, {p.name: p.n for p in self.plans},
                                    "normal: mean ± z·s/√n over finite faults; mismatch: Wilson score")
@@ -524,6 +526,13 @@ def _fmt(x: float, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def network_ci_text(network: dict[str, Any]) -> str:
+    """The network line's interval: Hall's interval of the mean over layers, whose moments add up."""
+    pct = int(round(CONFIDENCE * 100))
+    return (f"({pct}% CI [{_fmt(network.get('ci_low', math.nan), '.4g')}, {_fmt(network.get('ci_high', math.nan), '.4g')}], "
+            "the layers' variances and third cumulants added up)")
+
+
 def layers_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any], title: str) -> str:
     """The per-layer table as Markdown, with the network-level line below."""
     pct = int(round(CONFIDENCE * 100))
@@ -542,8 +551,8 @@ def layers_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any], tit
         )
     lines += [
         "",
-        f"Network level (mean over {network['layers']} layers): ΔLoss {_fmt(network['delta_loss'], '.4g')}, "
-        f"mismatch {_fmt(100 * network['mismatch_rate'], '.2f')}%, {network['faults']} faults, "
+        f"Network level (mean over {network['layers']} layers): ΔLoss {_fmt(network['delta_loss'], '.4g')} "
+        f"{network_ci_text(network)}, mismatch {_fmt(100 * network['mismatch_rate'], '.2f')}%, {network['faults']} faults, "
         f"{network['non_finite']} non-finite (left out of the ΔLoss means).",
         "",
     ]

@@ -165,7 +165,7 @@ def table1_row(base: CampaignResult, text: CampaignResult, fused: CampaignResult
         fused_last = fused.layer(fused.summary["last_layers"][0])["mean_delta_loss"]
     base_top2, text_top2 = base.summary["golden"]["mean_top2diff"], text.summary["golden"]["mean_top2diff"]
     intervals = dict.fromkeys(("last_layer", "overall", "baseline_network", "text_network"), (math.nan, math.nan))
-    if has_fault_records(base.path, base.summary) and has_fault_records(text.path, text.summary):
+    if has_fault_records(base.path) and has_fault_records(text.path):
         text_last_layers = [(name, text.layer(name)["neurons"]) for name in text.summary["last_layers"]]
         intervals = improvement_intervals(base.path, text.path, base.summary["last_layers"][0], text_last_layers)
     return {
@@ -332,7 +332,7 @@ def compare(base_dir: Path, text_dir: Path, out: Path, fused_dir: Path | None = 
     write_text(out / "table1.md", table1_markdown(row))
     aligned = aligned_layers(base, text)
     intervals = tuple(
-        layer_intervals(c.path) if has_fault_records(c.path, c.summary) else {} for c in (base, text)
+        layer_intervals(c.path) if has_fault_records(c.path) else {} for c in (base, text)
     )
     write_text(out / "layers_compared.csv", layers_comparison_csv(aligned, intervals))
     plot_layers(aligned, out / "delta_loss_per_layer.png", f"{row['model']} on {row['dataset']}: ΔLoss per layer")

@@ -43,12 +43,14 @@ from resilience.campaign import (
     RunStats,
     campaign_summary,
     chunk_table,
+    network_ci_text,
     network_level,
     shard_units,
 )
 from resilience.engines.base import Engine, FaultSites, ImageSource
 from resilience.golden import Golden
 from resilience.image_pool import ImagePool, campaign_images, pool_note, pooled_tables, stratified_layer_set
+from resilience.improvement_ci import network_interval
 from resilience.metrics import CONFIDENCE
 from resilience.storage import (
     read_json,
@@ -299,20 +301,20 @@ class StratifiedCampaign(RecordedCampaign):
         finished = [self.finished_layer(i) for i in range(len(self.plans))]
         rows = [f["row"] for f in finished]
         strata_rows = [{"layer": f["row"]["layer"], **s} for f in finished for s in f["strata"]]
-        network = network_level(rows)
+        tables = [self.layer_faults(i, f) for i, f in enumerate(finished)]
+        faults = pa.concat_tables(tables)
+        pool = ImagePool.from_record(self.record)
+        strata = [s.name for s in st.make_strata(get_format(self.config.format), self.grouping)]
+        layers = stratified_layer_set(pool, {row["layer"]: t for row, t in zip(rows, tables, strict=True)}, strata)
+        network = network_level(rows) | network_interval(layers)
         uniform_n = float(sum(r["uniform_equivalent_n"] for r in rows))
         network |= {"uniform_equivalent_n": uniform_n, "saving_factor": uniform_n / network["faults"]}
-        tables = [self.layer_faults(i, f) for i, f in enumerate(finished)]
-        pool = ImagePool.from_record(self.record)
         if pool is not None:
-            strata = [s.name for s in st.make_strata(get_format(self.config.format), self.grouping)]
-            by_layer = {row["layer"]: table for row, table in zip(rows, tables, strict=True)}
-            pooled_tables(stratified_layer_set(pool, by_layer, strata), rows, network, CONFIDENCE)
+            pooled_tables(layers, rows, network, CONFIDENCE)
         summary = campaign_summary(
             self.record, network, {r["layer"]: r["n"] for r in rows},
             "stratified combined ratio estimator over estimation rounds, delta-method variance, skewness-corrected "
             "(Hall) interval (docs/stratified.md)")
-        faults = pa.concat_tables(tables)
         write_parquet(self.folder.file("faults.parquet"), faults)
         write_text(self.folder.file("layers.csv"), pd.DataFrame(rows).to_csv(index=False, lineterminator="\n"))
         write_text(self.folder.file("strata.csv"), pd.DataFrame(strata_rows).to_csv(index=False, lineterminator="\n"))
@@ -349,7 +351,8 @@ def stratified_markdown(rows: Sequence[dict[str, Any]], network: dict[str, Any],
         )
     lines += [
         "",
-        f"Network level (mean over {network['layers']} layers): ΔLoss {g(network['delta_loss'])}, "
+        f"Network level (mean over {network['layers']} layers): ΔLoss {g(network['delta_loss'])} "
+        f"{network_ci_text(network)}, "
         f"mismatch {g(100 * network['mismatch_rate'], '.2f')}%; {network['faults']} injections where a uniform "
         f"campaign needs {g(network['uniform_equivalent_n'], '.0f')} for the same intervals "
         f"(saving {g(network['saving_factor'], '.1f')}x). Per-stratum figures: strata.csv.",

@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilience.bitflip import FORMATS, get_format  # noqa: E402
+from cli_shell import UserError, run_cli  # noqa: E402
+from resilience.bitflip import FORMATS, NumberFormat, get_format  # noqa: E402
 from resilience.engines import FaultSites, InjectionResult  # noqa: E402
 from resilience.engines.fast import DEFAULT_CACHE_BYTES, FastEngine  # noqa: E402
 from resilience.engines.reference import ReferenceEngine  # noqa: E402
@@ -51,9 +53,8 @@ from resilience.sampling import sample_sites  # noqa: E402
 REQUIRED_AGREEMENT = 0.999
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark of the engines shares: model, images, fault model, execution."""
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", default=None, help="checkpoint to load (default: random weights)")
     g.add_argument("--model", default=None, help="architecture (random weights, or a foreign checkpoint)")
@@ -71,7 +72,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--golden", choices=("correct", "all"), default=None,
                    help="images faults may hit (default: correct with a checkpoint, all with random weights)")
     g = parser.add_argument_group("faults")
-    g.add_argument("--injections", type=int, default=256, metavar="N", help="faults per layer")
     g.add_argument("--layers", default=None, metavar="REGEX", help="only layers whose name matches")
     g.add_argument("--seed", type=int, default=0, help="fault sampling seed")
     g.add_argument("--format", choices=tuple(FORMATS), default="fp32")
@@ -79,14 +79,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="profile: clamp to the max |activation| over the evaluated images")
     g = parser.add_argument_group("execution")
     g.add_argument("-b", "--batch-size", type=int, default=64, help="faults per pass (both engines)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_workload_args(parser)
+    g = parser.add_argument_group("this benchmark")
+    g.add_argument("--injections", type=int, default=256, metavar="N", help="faults per layer")
     g.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_BYTES >> 20, help="fast engine's golden cache")
     g.add_argument("--no-cost-model", action="store_true",
                    help="the fast engine runs every planned batch on its plan, even where full forwards cost less")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    g.add_argument("--device", default="cpu")
     g.add_argument("--flop-faults", type=int, default=64, metavar="K",
                    help="faults per layer whose FLOPs are counted for the work column (0: no count)")
-    g.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     return parser
 
 
@@ -105,7 +113,7 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Any, torch.Te
         model_name = meta["model"]
     else:
         if not args.model:
-            raise SystemExit("error: give --checkpoint or --model")
+            raise UserError("give --checkpoint or --model")
         torch.manual_seed(args.seed_weights)
         spec = models.get_model_spec(args.model)
         small = args.dataset is not None and spec.small_input == "adapted" and args.input_size <= 64
@@ -123,6 +131,63 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Any, torch.Te
     g = torch.Generator().manual_seed(args.seed_weights)
     images = torch.randn(args.images, in_chans, args.input_size, args.input_size, generator=g)
     return model.eval(), name, None, torch.arange(args.images), images
+
+
+@dataclass
+class Workload:
+    """A benchmark's model and images: golden pass, golden set, image source, layers and clamp profile."""
+
+    model: torch.nn.Module
+    name: str
+    dataset: Any
+    ids: torch.Tensor
+    images: torch.Tensor
+    golden: Golden
+    mode: str  # the golden set's definition
+    golden_set: torch.Tensor
+    source: TensorImageSource
+    all_layers: list[LayerInfo]
+    layers: list[LayerInfo]  # those --layers selects
+    clamp: dict[str, float] | None
+    fmt: NumberFormat
+    device: torch.device
+
+    def describe(self, args: argparse.Namespace) -> str:
+        inputs = f"random {tuple(self.images.shape[1:])}" if self.dataset is None else args.dataset
+        return (f"model: {self.name}\ninputs: {inputs} x {len(self.ids)} images, golden set ({self.mode}) "
+                f"{len(self.golden_set)}, accuracy {100 * self.golden.accuracy:.1f}%")
+
+
+def prepare(args: argparse.Namespace) -> Workload:
+    """Threads, model, golden pass over the evaluated images, golden set, layers and (``--clamp profile``)
+    the profile over the evaluated images: what every benchmark of the engines starts from."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fmt, device = get_format(args.format), torch.device(args.device)
+    model, name, dataset, ids, images = build(args)
+    model.to(device=device, dtype=fmt.dtype)
+    if dataset is not None:
+        pairs = list(iterate_split(dataset, ids, 256))
+        images = torch.cat([x for x, _ in pairs])
+        golden = golden_pass(model, ids, pairs, fmt, device)
+    else:
+        assert images is not None
+        logits = golden_pass(model, ids, [(images, torch.zeros(len(ids), dtype=torch.long))], fmt, device).logits
+        golden = Golden(ids, logits, logits.argmax(1))  # random inputs: the model's predictions are the labels
+    mode = args.golden or ("correct" if args.checkpoint else "all")
+    golden_set = golden.golden_set(mode)
+    if len(golden_set) == 0:
+        raise UserError("the golden set is empty (use --golden all)")
+    all_layers = discover_layers(model, images[:1].to(device, fmt.dtype))
+    try:
+        layers = select_layers(all_layers, args.layers)
+    except ValueError as exc:
+        raise UserError(f"{exc}") from None
+    clamp = None
+    if args.clamp == "profile":
+        clamp = profile_max_abs(model, all_layers, (images[i : i + 64] for i in range(0, len(images), 64)), fmt, device)
+    return Workload(model, name, dataset, ids, images, golden, mode, golden_set, TensorImageSource(ids, images),
+                    all_layers, layers, clamp, fmt, device)
 
 
 def timed(engine: Any, layer: LayerInfo, sites: FaultSites, source: Any) -> tuple[InjectionResult, float]:
@@ -144,38 +209,14 @@ def flops_per_fault(engine: Any, layer: LayerInfo, sites: FaultSites, source: An
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.images < 1 or args.injections < 1 or args.batch_size < 1 or args.cache_mb < 1:
-        raise SystemExit("error: --max-images, --injections, --batch-size and --cache-mb must be at least 1")
+        raise UserError("--max-images, --injections, --batch-size and --cache-mb must be at least 1")
     if args.flop_faults < 0:
-        raise SystemExit("error: --flop-faults must be at least 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    fmt, device = get_format(args.format), torch.device(args.device)
-    model, name, dataset, ids, images = build(args)
-    model.to(device=device, dtype=fmt.dtype)
-    if dataset is not None:
-        pairs = list(iterate_split(dataset, ids, 256))
-        images = torch.cat([x for x, _ in pairs])
-        golden = golden_pass(model, ids, pairs, fmt, device)
-    else:
-        assert images is not None
-        logits = golden_pass(model, ids, [(images, torch.zeros(len(ids), dtype=torch.long))], fmt, device).logits
-        golden = Golden(ids, logits, logits.argmax(1))  # random inputs: the model's predictions are the labels
-    source = TensorImageSource(ids, images)
-    mode = args.golden or ("correct" if args.checkpoint else "all")
-    golden_set = golden.golden_set(mode)
-    if len(golden_set) == 0:
-        raise SystemExit("error: the golden set is empty (use --golden all)")
-    try:
-        layers = select_layers(discover_layers(model, images[:1].to(device, fmt.dtype)), args.layers)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    clamp = None
-    if args.clamp == "profile":
-        clamp = profile_max_abs(model, layers, (images[i : i + 64] for i in range(0, len(images), 64)), fmt, device)
-    print(f"model: {name}\ninputs: {'random ' + str(tuple(images.shape[1:])) if dataset is None else args.dataset} "
-          f"x {len(ids)} images, golden set ({mode}) {len(golden_set)}, accuracy {100 * golden.accuracy:.1f}%\n"
-          f"{len(layers)} layers x {args.injections} faults, seed {args.seed}, {args.format}, clamp {args.clamp}, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {device}", flush=True)
+        raise UserError("--flop-faults must be at least 0")
+    w = prepare(args)
+    model, name, ids, golden, golden_set, source, layers, clamp, fmt, device = (
+        w.model, w.name, w.ids, w.golden, w.golden_set, w.source, w.layers, w.clamp, w.fmt, w.device)
+    print(f"{w.describe(args)}\n{len(layers)} layers x {args.injections} faults, seed {args.seed}, {args.format}, "
+          f"clamp {args.clamp}, batch {args.batch_size}, {torch.get_num_threads()} threads, device {device}", flush=True)
 
     options = {"clamp": clamp, "device": device, "batch_size": args.batch_size}
     reference = ReferenceEngine(model, layers, fmt, **options)
@@ -191,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         sites = sample_sites(args.seed, layer.name, layer.neurons, golden_set, args.injections, fmt.bits)
         again = sample_sites(args.seed, layer.name, layer.neurons, golden_set, args.injections, fmt.bits)
         if not all(torch.equal(a, b) for a, b in ((sites.image, again.image), (sites.index, again.index), (sites.bit, again.bit))):
-            raise SystemExit(f"error: the fault sites of {layer.name} are not reproducible")
+            raise UserError(f"the fault sites of {layer.name} are not reproducible")
         ref_result, t_ref = timed(reference, layer, sites, source)
         fast_result, t_fast = timed(fast, layer, sites, source)
         totals["reference"] += t_ref
@@ -249,4 +290,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

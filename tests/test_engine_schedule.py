@@ -10,7 +10,7 @@ from test_fast_engine import Images, assert_agree
 import models
 from resilience.bitflip import FORMATS
 from resilience.engines import FaultSites
-from resilience.engines.fast import FastEngine
+from resilience.engines.fast import FastEngine, population_size
 from resilience.engines.reference import ReferenceEngine
 from resilience.layers import LayerInfo, discover_layers
 
@@ -92,3 +92,29 @@ def test_the_choice_is_the_same_on_every_run(resnet: tuple) -> None:
         # bit patterns, so that NaN logits of a flipped exponent compare too
         assert torch.equal(ra.faulty_logits.view(torch.int32), rb.faulty_logits.view(torch.int32))
         assert torch.equal(ra.faulty_value.view(torch.int64), rb.faulty_value.view(torch.int64))
+
+
+def test_faults_the_later_layers_bring_pay_for_the_golden_pass(resnet: tuple) -> None:
+    """About three faults per image in this layer do not pay for golden passes on their own; with every
+    other layer still to run on the same few images they do, and the engine runs the plan."""
+    model, layers, x = resnet
+    info = layer(layers, "layer3.2.conv1")
+    sites = faults(info, torch.randint(len(x), (64,), generator=torch.Generator().manual_seed(7)), seed=7)
+    alone = FastEngine(model, [info], FP32, batch_size=64)
+    alone.run(info, sites, Images(x))
+    assert alone.counts[info.name]["full_forward"] == len(sites)
+    campaign = FastEngine(model, layers, FP32, batch_size=64)
+    result = campaign.run(info, sites, Images(x))
+    assert campaign.counts[info.name]["full_forward"] == 0
+    assert_agree(model, x, ReferenceEngine(model, [info], FP32, batch_size=64).run(info, sites, Images(x)), result, sites)
+
+
+@pytest.mark.parametrize("size", [30, 200, 5000])
+def test_population_is_estimated_from_repeats(size: int) -> None:
+    """Draws with replacement from ``size`` items: the distinct count gives the size back roughly; no repeat
+    says nothing bounds it."""
+    g = torch.Generator().manual_seed(size)
+    draws = torch.randint(size, (size,), generator=g)
+    estimate = population_size(len(draws), len(set(draws.tolist())))
+    assert 0.7 * size < estimate < 1.4 * size
+    assert population_size(10, 10) == float("inf")

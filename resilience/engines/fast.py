@@ -22,11 +22,12 @@ faults of one layer then
 4. a layer whose output is the logits needs no pass at all (closed form: the golden logits with one
    element replaced).
 
-A golden pass pays only when its image takes several faults. A batch whose cold images (neither held
-nor recently asked for) would cost more in golden passes than its suffix passes save runs a hooked
-full forward per fault instead, the reference's computation without its model copy, so that a whole
-test set, where few faults share an image, does not run slower than the reference. The golden pass's
-price is an estimate: see docs/injection.md ("Speed") for where it is too cautious.
+A golden pass pays only when its image takes several faults, in this batch or in the layers still to
+come while the store holds it. A batch whose cold images (neither held nor recently asked for) would
+cost more in golden passes, shared with the faults those images can still expect, than its suffix
+passes save runs a hooked full forward per fault instead, the reference's computation without its
+model copy, so that a whole test set, where few faults share an image, does not run slower than the
+reference (:meth:`FastEngine._plan_pays`).
 
 Models torch.fx cannot trace, and layers whose plan fails or whose self-check fails (the plan's
 fault-free logits against the model's own on one image), run a hooked full forward per batch of
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,20 @@ MIN_WINDOW_SAVING = 1 << 22
 # warm pages, 3.3 while the store fills on a loaded machine; the higher bound keeps full forwards safe)
 GOLDEN_PASS_COST = 3.0
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def population_size(draws: int, distinct: int) -> float:
+    """The G for which ``draws`` uniform draws with replacement hit ``distinct`` of G items on average
+    (infinite when no draw repeats)."""
+    if distinct >= draws:
+        return math.inf
+    low, high = float(distinct), float(distinct)
+    while high * -math.expm1(-draws / high) < distinct:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mid * -math.expm1(-draws / mid) < distinct else (low, mid)
+    return high
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -142,15 +157,19 @@ class GoldenStore:
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # image id -> slot, least recently used first
         self.demand: OrderedDict[int, None] = OrderedDict()  # the last ``capacity`` distinct images asked for
         self.computed = 0  # images run through the recorder (a measure of golden work)
+        self.seen: set[int] = set()  # every image ever asked for ...
+        self.asked = 0  # ... by this many faults: together they estimate how many images faults draw from
 
-    def cold(self, ids: list[int]) -> int:
+    def cold(self, ids: list[int]) -> list[int]:
         """Distinct images of ``ids`` neither held nor among the last ``capacity`` asked for: those a golden
         pass would compute even with every batch planned (a held image's pass is already paid; a recently
         asked-for one would be held)."""
-        return sum(i not in self.slot_of and i not in self.demand for i in dict.fromkeys(ids))
+        return [i for i in dict.fromkeys(ids) if i not in self.slot_of and i not in self.demand]
 
     def want(self, ids: list[int]) -> None:
         """Record that faults asked for ``ids``, whichever way they ran."""
+        self.asked += len(ids)
+        self.seen.update(ids)
         for image in ids:
             self.demand[image] = None
             self.demand.move_to_end(image)
@@ -492,11 +511,13 @@ class FastEngine(Engine):
     def _plan_pays(self, plan: Plan, images: list[int]) -> bool:
         """Whether a batch of faults on ``images`` should run ``plan`` rather than a full forward each.
 
-        The plan costs a golden pass per cold image plus the suffix per fault; the full forwards one forward
-        per fault. Counted in conv/matmul FLOPs of the trace (so the choice is the same on every run and
-        machine). Images asked for recently count as held, so that a cold start on few images does not
-        stop the store from ever filling, while a whole test set that the store cannot hold runs full
-        forwards: there a golden pass serves about one fault.
+        The plan costs the suffix per fault plus a golden pass per cold image, shared between the image's
+        faults in this batch and those it can expect in the layers still to come (:meth:`_future_faults`);
+        the full forwards cost one forward per fault. Counted in conv/matmul FLOPs of the trace and in
+        fault sites, never in timings, so the choice is the same on every run and machine. Images asked
+        for recently count as held, so that a cold start on few images does not stop the store from
+        ever filling, while a whole test set that the store cannot hold runs full forwards: there a
+        golden pass serves about one fault.
         """
         assert self._context is not None
         store = self._context.store
@@ -504,8 +525,28 @@ class FastEngine(Engine):
         store.want(images)
         if not self.cost_model:
             return True
+        here = Counter(images)
+        future = self._future_faults()
+        golden = sum(GOLDEN_PASS_COST * here[i] / (here[i] + future) for i in cold)
         n = len(images)
-        return cold * GOLDEN_PASS_COST * self._forward_flops + n * plan.flops <= n * self._forward_flops
+        return golden * self._forward_flops + n * plan.flops <= n * self._forward_flops
+
+    def _future_faults(self) -> float:
+        """Faults an image can expect in the layers not run yet, while the store still holds it.
+
+        Campaigns draw every layer's images uniformly from one golden set; its size G is estimated from
+        the faults asked for so far and the distinct images among them (n draws hit G(1 - e^(-n/G))
+        distinct images on average), the faults per layer from the layers run so far. A store smaller
+        than G keeps about capacity/G of the images until they are asked for again.
+        """
+        assert self._context is not None
+        store = self._context.store
+        started = len(self.counts)
+        remaining = len(self.layers) - started
+        size = population_size(store.asked, len(store.seen))
+        if remaining <= 0 or math.isinf(size):
+            return 0.0
+        return store.asked / started * remaining / size * min(1.0, store.capacity / size)
 
     # ------------------------------------------------------------------------------------- plans
 
