@@ -29,7 +29,6 @@ golden; their count is --images.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -51,7 +50,7 @@ from cli_shell import UserError, run_cli  # noqa: E402
 from resilience import stratified as st  # noqa: E402
 from resilience.campaign import CampaignConfig  # noqa: E402
 from resilience.engines.reference import ReferenceEngine  # noqa: E402
-from resilience.image_pool import LayerSet  # noqa: E402
+from resilience.image_pool import LayerSet, pool_size_arg  # noqa: E402
 from resilience.improvement_ci import network_interval, network_moments  # noqa: E402
 from resilience.intervals import uniform_layer_moments  # noqa: E402
 from resilience.metrics import score_faults  # noqa: E402
@@ -77,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pilot", type=int, default=16, help="stratified pilot draws per stratum")
     g.add_argument("--max-injections", type=int, default=65_536, help="stratified cap per layer")
     g.add_argument("--attempts", type=int, default=3, help="stratified runs at most (each with a smaller target)")
-    g.add_argument("--image-pool", type=int, default=None, metavar="K",
+    g.add_argument("--image-pool", type=pool_size_arg, default=None, metavar="K",
                    help="the stratified campaign draws its images from a pool of K golden images (inject.py --image-pool)")
     return parser
 
@@ -126,8 +125,6 @@ def stratified_to_width(args: argparse.Namespace, w: Workload, estimate: float, 
                             layers=args.layers, format=args.format, clamp=args.clamp, engine="fast",
                             profile_images=len(w.ids) if args.clamp == "profile" else None,
                             batch_size=args.batch_size, chunk_size=4 * args.batch_size, device=str(w.device))
-    if args.image_pool is not None:
-        config = dataclasses.replace(config, image_pool=args.image_pool)
     target = args.target_abs or width * abs(estimate) * math.sqrt(len(w.layers)) * SAFETY
     attempts, seconds = [], 0.0
     for _ in range(args.attempts):
@@ -137,7 +134,7 @@ def stratified_to_width(args: argparse.Namespace, w: Workload, estimate: float, 
             t0 = time.perf_counter()
             campaign, _ = execute(Path(folder) / "c", config, w.model, w.all_layers, w.golden, w.source,
                                   sampling=StratifiedSampling(adaptive, args.strata), clamp_max=w.clamp, device=w.device,
-                                  progress=False, log=lambda _line: None)
+                                  progress=False, log=lambda _line: None, image_pool=args.image_pool)
             summary = campaign.assemble()
             took = time.perf_counter() - t0
             images = len(np.unique(pq.read_table(Path(folder) / "c" / "faults.parquet", columns=["image"])
@@ -168,9 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                          "--batch-size must be at least 1")
     if args.target_abs is not None and not args.target_abs > 0:
         raise UserError("--target-abs must be positive")
-    if args.image_pool is not None and "image_pool" not in {f.name for f in dataclasses.fields(CampaignConfig)}:
-        raise UserError("--image-pool needs campaigns with an image pool (inject.py --image-pool), "
-                         "which this checkout does not have")
     w = prepare(args)
     print(f"{w.describe(args)}\n{len(w.layers)} layers, target: network 99% CI half-width <= {100 * args.width:g}% "
           f"of the estimate; seed {args.seed}, {args.format}, clamp {args.clamp}, batch {args.batch_size}, "

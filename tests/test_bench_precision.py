@@ -18,11 +18,12 @@ from cli_shell import run_cli  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_both_sides_reach_the_width(tmp_path) -> None:
+@pytest.mark.parametrize("pool", [[], ["--image-pool", "10"]], ids=["all-images", "pool"])
+def test_both_sides_reach_the_width(tmp_path, pool: list[str]) -> None:
     out = tmp_path / "p.json"
     argv = ["--model", "resnet20", "--num-classes", "10", "--input-size", "8", "--images", "12", "--layers",
             r"^layer3\.2\.conv[12]$", "--width", "0.6", "--start", "32", "--pilot", "2", "--strata", "field",
-            "--threads", "1", "--json", str(out)]
+            "--threads", "1", "--json", str(out), *pool]
     assert bench_precision.main(argv) == 0
     figures = json.loads(out.read_text())
     ref, fast = figures["reference"], figures["fast"]
@@ -32,6 +33,8 @@ def test_both_sides_reach_the_width(tmp_path) -> None:
     assert ref["ci_low"] <= ref["estimate"] <= ref["ci_high"]
     assert fast["reached"] and fast["rel_half_width"] <= 0.6
     assert figures["ratio"] == pytest.approx(ref["seconds"] / fast["seconds"])
+    if pool:  # the stratified side's faults all land on the pool's 10 images
+        assert fast["faults_per_image"] == pytest.approx(fast["injections"] / 10)
 
 
 @pytest.mark.parametrize("extra", [["--width", "1.5"], ["--start", "0"]])
