@@ -313,8 +313,8 @@ def pooled_tables(layers: LayerSet, rows: list[dict[str, Any]], network: dict[st
     """Put the pooled intervals into a campaign's per-layer rows and network figures (in place).
 
     Every row's ci_low/ci_high (and half-widths, where the table has them) become those of the layer
-    estimate with its between-image variance, and ``between_image_se`` is added; the network figures get
-    the interval of the mean over the layers with a finite mean.
+    estimate with its between-image variance, and ``between_image_se`` is added, to the rows and to the
+    network figures (the mean over the layers with a finite mean).
     """
     for row in rows:
         moments = layers.layer(row["layer"])
@@ -325,9 +325,6 @@ def pooled_tables(layers: LayerSet, rows: list[dict[str, Any]], network: dict[st
             row["ci_half_width"] = (high - low) / 2
             row["ci_rel_half_width"] = row["ci_half_width"] / abs(moments.value) if moments.value else float("nan")
     names = [r["layer"] for r in rows if np.isfinite(r["mean_delta_loss"])]
-    if names:
-        net = layers.mean(names)
-        low, high = net.interval(confidence)
-        within = layers.given_pool().mean(names)
-        network |= {"ci_low": low, "ci_high": high,
-                    "between_image_se": float(np.sqrt(max(0.0, net.variance - within.variance)))}
+    if names:  # the network's interval itself comes from improvement_ci.network_interval of the same layers
+        between = layers.mean(names).variance - layers.given_pool().mean(names).variance
+        network["between_image_se"] = float(np.sqrt(max(0.0, between)))
