@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import inject  # noqa: E402
+from cli_shell import UserError, run_cli  # noqa: E402
 from resilience.bitflip import get_format  # noqa: E402
 from resilience.image_pool import (  # noqa: E402
     ImagePool,
@@ -95,7 +96,7 @@ def run_campaign(checkpoint: str, out: Path, pool: int | None, seed: int, args: 
         argv += ["--image-pool", str(pool)]
     code = inject.main(argv)
     if code:
-        raise SystemExit(f"error: inject.py exited with {code} for {out}")
+        raise UserError(f"inject.py exited with {code} for {out}")
 
 
 def stratified_layers(out: Path, summary: dict) -> LayerSet:
@@ -161,7 +162,10 @@ def print_campaigns(name: str, rows: Sequence[dict], seeds: int) -> None:
 def campaigns(args: argparse.Namespace) -> dict:
     """Campaign mode: one campaign per checkpoint, seed and K; prints and returns their figures."""
     if not args.checkpoint or not args.out:
-        raise SystemExit("error: give --checkpoint and --out (or --simulate)")
+        raise UserError("give --checkpoint and --out (or --simulate)")
+    missing = [c for c in args.checkpoint if not Path(c).is_file()]
+    if missing:
+        raise UserError(f"checkpoint not found: {', '.join(missing)}")
     pools = args.pools
     results = {}
     for index, checkpoint in enumerate(args.checkpoint):
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the campaigns or the simulation the command line asks for."""
     args = get_args_parser().parse_args(argv)
     if args.injections < 2 or args.sim_seeds < 2 or args.sim_images < 2 or args.sim_layers < 1:
-        raise SystemExit("error: --injections, --sim-seeds and --sim-images must be at least 2, --sim-layers at least 1")
+        raise UserError("--injections, --sim-seeds and --sim-images must be at least 2, --sim-layers at least 1")
     results = simulate(args) if args.simulate else campaigns(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
@@ -252,4 +256,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_cli(main))

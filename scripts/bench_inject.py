@@ -115,7 +115,10 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, str, Any, torch.Te
         if not args.model:
             raise UserError("give --checkpoint or --model")
         torch.manual_seed(args.seed_weights)
-        spec = models.get_model_spec(args.model)
+        try:
+            spec = models.get_model_spec(args.model)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         small = args.dataset is not None and spec.small_input == "adapted" and args.input_size <= 64
         chans = data.dataset_channels(args.dataset) if args.dataset else 3
         classes = args.num_classes or (data.num_classes(args.dataset) if args.dataset else 1000)

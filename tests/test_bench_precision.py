@@ -37,7 +37,7 @@ def test_both_sides_reach_the_width(tmp_path, pool: list[str]) -> None:
         assert fast["faults_per_image"] == pytest.approx(fast["injections"] / 10)
 
 
-@pytest.mark.parametrize("extra", [["--width", "1.5"], ["--start", "0"]])
+@pytest.mark.parametrize("extra", [["--width", "1.5"], ["--start", "0"], ["--model", "nosuchnet"]])
 def test_bad_input_is_one_error_line(extra, capsys) -> None:
     assert run_cli(lambda: bench_precision.main(["--model", "resnet20", *extra])) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -198,3 +198,18 @@ def test_bench_simulation_runs_and_reports_coverage(tmp_path: Path) -> None:
     assert set(pools) == {"16", "200"}
     assert all(0 <= row["layer_coverage"] <= 1 for row in pools.values())
     assert pools["200"]["between_share"] == 0 and pools["16"]["between_share"] > 0
+
+
+def test_bench_refuses_a_missing_checkpoint_in_one_line(tmp_path: Path, capsys) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_image_pool
+
+    from cli_shell import run_cli
+
+    argv = ["--checkpoint", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "out")]
+    assert run_cli(lambda: bench_image_pool.main(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: checkpoint not found: {tmp_path / 'absent.pth'}"]
+    assert not (tmp_path / "out").exists()
