@@ -209,7 +209,8 @@ def pooled_moments(pool: ImagePool, given_pool: Moments, effects: Sequence[Image
     of the whole is less precise than the post-stratified one and covers worse in the simulation of
     docs/image_pool.md.
     """
-    return Moments(given_pool.value, given_pool.variance + between_variance(pool, effects, weights), given_pool.third)
+    return Moments(given_pool.value, given_pool.variance + between_variance(pool, effects, weights), given_pool.third,
+                   given_pool.variance_of_variance)
 
 
 @dataclass

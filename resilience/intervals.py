@@ -10,10 +10,17 @@ T = (θ̂ − θ)/se,
     g(T) = T + a·T² + a²·T³/3 + b,   a = γ/3,  b = γ/6,   γ = κ₃ / V^{3/2} (skewness of θ̂),
 
 which removes the 1/√n skewness term of T's Edgeworth expansion, so that g(T) is close to N(0, 1).
+The correction only ever lengthens an arm (the long one, on the side of the tail); the other keeps the
+symmetric quantile (see :func:`studentised_bounds`).
 For a plain mean of n draws γ = skew(X)/√n and this is Hall's interval; for weighted sums of
 independent means (stratified estimates, the mean over layers, neuron-weighted layers) V and κ₃ add
 up with the squared and cubed weights. A ratio of two independent estimates gets a Fieller-type
 interval built from the arms of the two corrected intervals.
+
+The variance estimate is itself uncertain: when a mean rests on a handful of large values, V̂ varies
+about as much as a χ² with twice that many degrees of freedom. Each estimate therefore also carries an
+estimate of Var(V̂) (from the fourth moments, adding up with the fourth powers of the weights), and the
+interval uses Student's t quantile at the Satterthwaite degrees of freedom 2V̂²/Var(V̂) in place of z.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from resilience.sampling import z_value
 
@@ -36,6 +44,7 @@ class Moments:
     value: float
     variance: float
     third: float = 0.0
+    variance_of_variance: float = 0.0  # estimated Var(V̂): how far the variance estimate itself may be off
 
     @classmethod
     def of_mean(cls, x: np.ndarray) -> Moments:
@@ -44,8 +53,8 @@ class Moments:
         n = len(x)
         if n == 0:
             return cls(math.nan, math.nan, math.nan)
-        variance, third = sample_cumulants(x)
-        return cls(float(x.mean()), variance / n, third / n**2)
+        variance, third, spread = sample_cumulants(x)
+        return cls(float(x.mean()), variance / n, third / n**2, spread / n**2)
 
     @classmethod
     def weighted_sum(cls, weights: Sequence[float] | np.ndarray, parts: Sequence[Moments]) -> Moments:
@@ -54,11 +63,13 @@ class Moments:
         values = np.array([p.value for p in parts])
         variances = np.array([p.variance for p in parts])
         thirds = np.array([p.third for p in parts])
+        spreads = np.array([p.variance_of_variance for p in parts])
         used = w != 0  # a part with weight 0 contributes nothing, even when its figures are undefined
         return cls(
             float(w[used] @ values[used]),
             float(w[used] ** 2 @ variances[used]),
             float(w[used] ** 3 @ thirds[used]),
+            float(w[used] ** 4 @ spreads[used]),
         )
 
     @property
@@ -73,26 +84,38 @@ class Moments:
             return 0.0
         return self.third / self.variance**1.5
 
+    @property
+    def degrees_of_freedom(self) -> float:
+        """Satterthwaite's 2V̂²/Var(V̂) (infinite when the variance estimate is taken as exact)."""
+        if not self.variance_of_variance > 0:
+            return math.inf
+        return 2 * self.variance**2 / self.variance_of_variance
+
     def interval(self, confidence: float) -> tuple[float, float]:
-        """Hall's skewness-corrected interval (NaN when the estimate or its variance is undefined)."""
+        """The skewness-corrected interval at Student's quantile (NaN when the estimate or its variance is undefined)."""
         if not (math.isfinite(self.value) and math.isfinite(self.variance)):
             return math.nan, math.nan
-        t_low, t_high = studentised_bounds(self.skewness, confidence)
+        t_low, t_high = studentised_bounds(self.skewness, confidence, self.degrees_of_freedom)
         return self.value - self.se * t_high, self.value - self.se * t_low
 
 
-def sample_cumulants(x: np.ndarray) -> tuple[float, float]:
-    """Unbiased estimates (k₂ = s², k₃) of the variance and third cumulant of the distribution ``x`` was drawn from.
+def sample_cumulants(x: np.ndarray) -> tuple[float, float, float]:
+    """Unbiased estimates (k₂ = s², k₃) of the variance and third cumulant of the distribution ``x`` was
+    drawn from, and an estimate of Var(s²) = (μ₄ − σ⁴ (n − 3)/(n − 1)) / n.
 
-    Fewer than two draws leave the variance unknown (infinite); fewer than three, the third cumulant 0.
+    Fewer than two draws leave the variance unknown (infinite); fewer than three, the third cumulant 0;
+    fewer than four, Var(s²) 0.
     """
     x = np.asarray(x, dtype=np.float64)
     n = len(x)
     if n < 2:
-        return math.inf, 0.0
+        return math.inf, 0.0, 0.0
     centred = x - x.mean()
-    k3 = float(np.sum(centred**3)) * n / ((n - 1) * (n - 2)) if n > 2 else 0.0
-    return float(centred @ centred) / (n - 1), k3
+    squares = centred * centred
+    k2 = float(np.sum(squares)) / (n - 1)
+    k3 = float(np.sum(squares * centred)) * n / ((n - 1) * (n - 2)) if n > 2 else 0.0
+    spread = max(0.0, (float(squares @ squares) / n - k2 * k2 * (n - 3) / (n - 1)) / n) if n > 3 else 0.0
+    return k2, k3, spread
 
 
 Spread = tuple[np.ndarray, Sequence[np.ndarray], Sequence[np.ndarray]]
@@ -126,10 +149,14 @@ def ratio_moments(
     ratio = float(weights[used] @ num[used]) / total_den
     cumulants = np.array([sample_cumulants((y - ratio * x) / total_den) for y, x in zip(group_num, group_den, strict=True)])
     counts = np.array([len(y) for y in numerators], dtype=np.float64)[used]
-    k2, k3 = cumulants[np.asarray(groups)[used]].T
+    group_of_cell = np.asarray(groups)[used]
+    k2, k3, _ = cumulants[group_of_cell].T
     w = weights[used]
     with np.errstate(divide="ignore", invalid="ignore"):
-        moments = Moments(ratio, float(np.sum(w**2 * k2 / counts)), float(np.sum(w**3 * k3 / counts**2)))
+        # cells of one group share its k₂, so their variance terms move together: Var(V̂) adds per group
+        share = np.bincount(group_of_cell, w**2 / counts, minlength=len(cumulants))
+        moments = Moments(ratio, float(np.sum(w**2 * k2 / counts)), float(np.sum(w**3 * k3 / counts**2)),
+                          float(np.sum(share[share > 0] ** 2 * cumulants[share > 0, 2])))
     return moments, np.sqrt(cumulants[:, 0])
 
 
@@ -156,10 +183,14 @@ def uniform_layer_moments(delta_loss: np.ndarray, finite: np.ndarray, bit: np.nd
     ratio = float(np.sum(np.bincount(bit, z, bits) / counts)) / bits / total_den
     d = (z - ratio * f) / total_den
     centred = d - (np.bincount(bit, d, bits) / counts)[bit]
-    k2 = np.bincount(bit, centred**2, bits) / (counts - 1)
+    squares = centred * centred
+    k2 = np.bincount(bit, squares, bits) / (counts - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        k3 = np.where(counts > 2, np.bincount(bit, centred**3, bits) * counts / ((counts - 1) * (counts - 2)), 0.0)
-    return Moments(ratio, float(np.sum(k2 / counts)) / bits**2, float(np.sum(k3 / counts**2)) / bits**3)
+        k3 = np.where(counts > 2, np.bincount(bit, squares * centred, bits) * counts / ((counts - 1) * (counts - 2)), 0.0)
+        spread = np.where(counts > 3, np.maximum(
+            0.0, (np.bincount(bit, squares * squares, bits) / counts - k2 * k2 * (counts - 3) / (counts - 1)) / counts), 0.0)
+    return Moments(ratio, float(np.sum(k2 / counts)) / bits**2, float(np.sum(k3 / counts**2)) / bits**3,
+                   float(np.sum(spread / counts**2)) / bits**4)
 
 
 def uniform_layer_interval(
@@ -170,18 +201,26 @@ def uniform_layer_interval(
     return uniform_layer_moments(delta_loss, finite, bit, bits).interval(confidence)
 
 
-def studentised_bounds(skewness: float, confidence: float) -> tuple[float, float]:
-    """Quantiles (lower, upper) of T = (θ̂ − θ)/se at ``confidence`` after Hall's correction for ``skewness``."""
-    z = z_value(confidence)
+def studentised_bounds(skewness: float, confidence: float, degrees_of_freedom: float = math.inf) -> tuple[float, float]:
+    """Quantiles (lower, upper) of T = (θ̂ − θ)/se at ``confidence``: Hall's correction for ``skewness`` applied to
+    Student's quantile at ``degrees_of_freedom`` (the normal one when infinite, at least 1 degree), where it
+    lengthens an arm only.
+
+    The short arm stays at the symmetric quantile: a sample that caught more rare large values than its
+    share overstates the mean and its skewness together, and the arm Hall's correction would shorten is
+    exactly the one that must reach back down to the truth.
+    """
+    q = z_value(confidence) if math.isinf(degrees_of_freedom) else float(
+        student_t.ppf(0.5 + confidence / 2, max(1.0, degrees_of_freedom)))
     gamma = max(-_MAX_SKEW, min(_MAX_SKEW, skewness))
     a, b = gamma / 3, gamma / 6
     if abs(a) < 1e-12:
-        return -z - b, z - b
+        return -q, q
 
     def inverse(u: float) -> float:  # g(t) = ((1 + a t)³ − 1)/(3a) + b is increasing in t
         return (np.cbrt(1 + 3 * a * (u - b)) - 1) / a
 
-    return float(inverse(-z)), float(inverse(z))
+    return min(float(inverse(-q)), -q), max(float(inverse(q)), q)
 
 
 def ratio_interval(a: Moments, b: Moments, confidence: float) -> tuple[float, float]:

@@ -23,6 +23,8 @@ from resilience.engines.base import FaultSites
 from resilience.intervals import (
     Moments,
     ratio_interval,
+    ratio_moments,
+    sample_cumulants,
     studentised_bounds,
     uniform_layer_interval,
     uniform_layer_moments,
@@ -46,17 +48,50 @@ def test_moments_of_a_mean_and_of_weighted_sums() -> None:
     assert Moments.of_mean(np.array([5.0])).variance == math.inf
 
 
-def test_hall_interval_is_normal_without_skew_and_leans_with_it() -> None:
+def test_hall_interval_is_normal_without_skew_and_only_lengthens_the_tail_side_with_it() -> None:
     assert Moments(10.0, 4.0, 0.0).interval(0.99) == pytest.approx((10 - 2 * Z, 10 + 2 * Z))
     low, high = Moments(10.0, 4.0, 4.0).interval(0.99)  # skewness 0.5: a right tail
-    assert high - 10 > 2 * Z > 10 - low > 0
+    assert high - 10 > 2 * Z and 10 - low == pytest.approx(2 * Z)
     mirrored = Moments(10.0, 4.0, -4.0).interval(0.99)
     assert mirrored == pytest.approx((20 - high, 20 - low))
-    # The bounds invert Hall's g(t) = t + a t² + a² t³/3 + b (a = γ/3, b = γ/6): g maps them back to ∓z.
+    # T = (θ̂ − θ)/se leans left when θ̂ leans right. Its long (lower) bound inverts Hall's
+    # g(t) = t + a t² + a² t³/3 + b (a = γ/3, b = γ/6): g maps it back to −z; the upper one stays at z,
+    # where Hall's own bound (g(t) = z) would be shorter
     gamma = 0.5
     a, b = gamma / 3, gamma / 6
-    for t, target in zip(studentised_bounds(gamma, 0.99), (-Z, Z), strict=True):
-        assert t + a * t**2 + a**2 * t**3 / 3 + b == pytest.approx(target)
+    t_low, t_high = studentised_bounds(gamma, 0.99)
+    assert t_low + a * t_low**2 + a**2 * t_low**3 / 3 + b == pytest.approx(-Z)
+    assert t_high == pytest.approx(Z)
+    assert t_high + a * t_high**2 + a**2 * t_high**3 / 3 + b > Z
+
+
+def test_variance_of_the_variance_gives_students_quantile() -> None:
+    # x = (0, 0, 0, 4): centred (−1, −1, −1, 3), s² = 12/3 = 4, m₄ = 84/4 = 21,
+    # Var(s²) = (m₄ − s⁴·(n − 3)/(n − 1))/n = (21 − 16/3)/4; of the mean: that over n²
+    m = Moments.of_mean(np.array([0.0, 0.0, 0.0, 4.0]))
+    assert m.variance_of_variance == pytest.approx((21 - 16 / 3) / 4 / 16)
+    assert m.degrees_of_freedom == pytest.approx(2 * m.variance**2 / m.variance_of_variance)
+    # 5 degrees of freedom: t quantile 4.0321 in place of z
+    t5 = 4.032142983557536
+    assert Moments(10.0, 4.0, 0.0, 2 * 16 / 5).interval(0.99) == pytest.approx((10 - 2 * t5, 10 + 2 * t5))
+    # parts add with the fourth power of their weights; an exact variance (no spread) keeps z
+    combined = Moments.weighted_sum([1.0, 0.5], [Moments(1.0, 1.0, 0.0, 2.0), Moments(2.0, 4.0, 0.0, 16.0)])
+    assert combined.variance_of_variance == pytest.approx(2.0 + 16.0 / 16)
+    assert Moments(1.0, 1.0).degrees_of_freedom == math.inf
+
+
+def test_cells_of_one_stratum_share_its_variance_estimate() -> None:
+    # two rounds draw the same stratum: their variance terms rest on one pooled s², so Var(V̂) adds up
+    # as (Σ w²/n)²·Var(s²), not as a sum of independent terms
+    rng = np.random.default_rng(0)
+    pooled = rng.exponential(size=40)
+    first, second = pooled[:16], pooled[16:]
+    ones = [np.ones(16), np.ones(24)]
+    spread = (np.array([0, 0]), [pooled], [np.ones(40)])
+    moments, _ = ratio_moments(np.array([0.5, 0.5]), [first, second], ones, spread)
+    _, _, var_k2 = sample_cumulants(pooled)  # the residuals d = y − R·1 are a shift of the draws
+    share = 0.25 / 16 + 0.25 / 24
+    assert moments.variance_of_variance == pytest.approx(share**2 * var_k2)
 
 
 def test_ratio_interval_is_fiellers_without_skew() -> None:
