@@ -170,6 +170,11 @@ class Coverage:
     coverage: float  # share of runs whose interval holds the truth
     rel_half_width: float  # median half-width / truth
 
+    @property
+    def rel_sd(self) -> float:
+        """Standard deviation of the relative estimates over the runs (the estimator's own precision)."""
+        return self.bias_se * math.sqrt(self.runs)
+
     def row(self) -> str:
         """A Markdown table row."""
         return (f"| {self.label} | {self.runs} | {self.mean_n:,.0f} | {100 * self.bias:+.2f}% ({100 * self.bias_se:.2f}%) "
@@ -282,7 +287,11 @@ def across_layers(title: str, rows: dict[str, list[Coverage]]) -> list[str]:
     return lines
 
 
-def equal_width_injections(uniform: Coverage, n: int, stratified: Coverage) -> float:
-    """Injections a uniform campaign needs for the median interval width of ``stratified``, from its own median
-    width at ``n`` injections (widths shrink as 1/√n): n·(h_U / h_S)²."""
-    return n * (uniform.rel_half_width / stratified.rel_half_width) ** 2
+def equal_precision_injections(uniform: Coverage, n: int, stratified: Coverage) -> float:
+    """Injections a uniform campaign needs for the precision of ``stratified``, from the spread of its estimates
+    at ``n`` injections (standard errors shrink as 1/√n): n·(sd_U / sd_S)².
+
+    The spreads, not the interval widths: at the injections a uniform campaign would need the interval is
+    z standard errors wide, while at ``n`` Student's quantile for its few large values still widens it.
+    """
+    return n * (uniform.rel_sd / stratified.rel_sd) ** 2

@@ -76,18 +76,18 @@ def campaign_populations(folder: str, pattern: str | None) -> list[ic.Population
 
 
 def saving_lines(rows: dict[str, list[ic.Coverage]], n: int, echo: Callable[[str], None]) -> None:
-    """Per population with an adaptive stratified row: the uniform injections for its median interval width
-    (from the post-stratified uniform interval at ``n``) and the saving; then the total over them."""
+    """Per population with an adaptive stratified row: the uniform injections for its precision (from the
+    spread of the post-stratified uniform estimates at ``n``) and the saving; then the total over them."""
     found = [(name, r[-1], next(u for u in r if u.label.endswith(f"uniform n={n}, post-stratified Hall")))
              for name, r in rows.items() if "cap" in r[-1].label]
     if not found:
         return
-    echo(f"# saving at equal interval width: uniform n = {n} post-stratified Hall widths against adaptive stratified")
-    echo("| population | stratified mean injections | its median ± | uniform ± at n | uniform injections needed | saving |\n"
+    echo(f"# saving at equal precision: spread of the uniform n = {n} post-stratified estimates against adaptive stratified")
+    echo("| population | stratified mean injections | its sd | uniform sd at n | uniform injections needed | saving |\n"
          "|---|---:|---:|---:|---:|---:|")
-    needed = [ic.equal_width_injections(u, n, a) for _, a, u in found]
+    needed = [ic.equal_precision_injections(u, n, a) for _, a, u in found]
     for (name, a, u), need in zip(found, needed, strict=True):
-        echo(f"| {name} | {a.mean_n:,.0f} | {100 * a.rel_half_width:.1f}% | {100 * u.rel_half_width:.1f}% | {need:,.0f} "
+        echo(f"| {name} | {a.mean_n:,.0f} | {100 * a.rel_sd:.2f}% | {100 * u.rel_sd:.2f}% | {need:,.0f} "
              f"| {need / a.mean_n:.1f}× |")
     total = sum(a.mean_n for _, a, _ in found)
     echo(f"| all {len(found)} | {total:,.0f} | | | {sum(needed):,.0f} | {sum(needed) / total:.1f}× |")

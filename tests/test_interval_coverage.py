@@ -265,10 +265,12 @@ def test_summary_over_layers_names_the_worst_layer_and_counts_misses() -> None:
     assert fixed.split("|")[5].strip() == "98.5% (`fc`)" and fixed.split("|")[7].strip() == "0"
 
 
-def test_equal_width_injections_scale_with_the_squared_width_ratio() -> None:
-    uniform = ic.Coverage("u", 500, 4096, 0.0, 0.01, 0.99, 0.3)
-    stratified = ic.Coverage("s", 500, 2000, 0.0, 0.01, 0.99, 0.1)
-    assert ic.equal_width_injections(uniform, 4096, stratified) == pytest.approx(9 * 4096)
+def test_equal_precision_injections_scale_with_the_squared_spread_ratio() -> None:
+    # bias SE × √runs is the spread of the estimates: 0.3 and 0.1, whatever the interval widths
+    uniform = ic.Coverage("u", 100, 4096, 0.0, 0.03, 0.99, 0.9)
+    stratified = ic.Coverage("s", 100, 2000, 0.0, 0.01, 0.99, 0.1)
+    assert (uniform.rel_sd, stratified.rel_sd) == pytest.approx((0.3, 0.1))
+    assert ic.equal_precision_injections(uniform, 4096, stratified) == pytest.approx(9 * 4096)
 
 
 # ----------------------------------------------------------------------------------------- real campaigns
