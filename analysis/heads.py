@@ -59,7 +59,7 @@ class HeadsPlan:
     features: str  # text features file of the text and projection heads
     embed_dim: int  # its width: the random text head gets the same E
     seeds: Sequence[int] = (0, 1, 2)
-    epochs: int = 3
+    epochs: int = 1
     variants: Sequence[str] = VARIANTS
     train_args: Sequence[str] = ()
     inject_args: Sequence[str] = ()

@@ -7,7 +7,7 @@
 # Environment (all optional):
 #   OUT         output folder (default runs/heads)
 #   SEEDS       training seeds 0 ... SEEDS-1 (default 3)
-#   EPOCHS      training epochs per model (default 3)
+#   EPOCHS      training epochs per model (default 1)
 #   INJECTIONS  faults per layer and model (default 4096)
 #   ENGINE      injection engine (default fast)
 #   DATA_PATH   dataset root (default: $TGR_DATA_ROOT or ~/.cache/text-guided-resilience/data)
@@ -19,7 +19,7 @@ cd "$repo"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-options=(--out "${OUT:-runs/heads}" --seeds "${SEEDS:-3}" --epochs "${EPOCHS:-3}"
+options=(--out "${OUT:-runs/heads}" --seeds "${SEEDS:-3}" --epochs "${EPOCHS:-1}"
          --inject-args "--injections ${INJECTIONS:-4096} --engine ${ENGINE:-fast} --clamp profile")
 if [ -n "${DATA_PATH:-}" ]; then options+=(--data-path "$DATA_PATH"); fi
 if [ "${DRY_RUN:-0}" = 1 ]; then options+=(--dry-run); fi
