@@ -114,8 +114,15 @@ def sample_cumulants(x: np.ndarray) -> tuple[float, float, float]:
     squares = centred * centred
     k2 = float(np.sum(squares)) / (n - 1)
     k3 = float(np.sum(squares * centred)) * n / ((n - 1) * (n - 2)) if n > 2 else 0.0
-    spread = max(0.0, (float(squares @ squares) / n - k2 * k2 * (n - 3) / (n - 1)) / n) if n > 3 else 0.0
-    return k2, k3, spread
+    return k2, k3, float(variance_of_sample_variance(float(squares @ squares) / n, k2, n))
+
+
+def variance_of_sample_variance(m4: np.ndarray | float, k2: np.ndarray | float, n: np.ndarray | int) -> np.ndarray:
+    """Var(s²) ≈ (m₄ − s⁴ (n − 3)/(n − 1)) / n from the fourth central moment m₄ = Σ(x − x̄)⁴/n and s² of n
+    draws (elementwise; 0 below four draws or when the estimate falls below 0)."""
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n > 3, np.maximum(0.0, (m4 - k2 * k2 * (n - 3) / (n - 1)) / n), 0.0)
 
 
 Spread = tuple[np.ndarray, Sequence[np.ndarray], Sequence[np.ndarray]]
@@ -187,8 +194,7 @@ def uniform_layer_moments(delta_loss: np.ndarray, finite: np.ndarray, bit: np.nd
     k2 = np.bincount(bit, squares, bits) / (counts - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         k3 = np.where(counts > 2, np.bincount(bit, squares * centred, bits) * counts / ((counts - 1) * (counts - 2)), 0.0)
-        spread = np.where(counts > 3, np.maximum(
-            0.0, (np.bincount(bit, squares * squares, bits) / counts - k2 * k2 * (counts - 3) / (counts - 1)) / counts), 0.0)
+        spread = variance_of_sample_variance(np.bincount(bit, squares * squares, bits) / counts, k2, counts)
     return Moments(ratio, float(np.sum(k2 / counts)) / bits**2, float(np.sum(k3 / counts**2)) / bits**3,
                    float(np.sum(spread / counts**2)) / bits**4)
 
